@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's main command: sets everything up, then runs the end-to-end demo on CPU.
+#   ./scripts/demo.sh [demo options; see --help]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+exec "${LIVEFUSE_VENV:-.venv}/bin/python" -m student_trainer.demo "$@"

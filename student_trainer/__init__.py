@@ -1,0 +1,1 @@
+"""livefuse student trainer: fetches teacher distributions live, aligns, fuses and trains the target."""
