@@ -108,8 +108,8 @@ def _gguf_bpe(gguf_path: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # Whitespace-run tokens (type 4, "user defined") are plain tokens matched before BPE.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
-    specials = [t for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 4])
+    specials = [t for t, ty in zip(tokens, types, strict=True) if ty == 3]
     tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
     eos = tokens[field("tokenizer.ggml.eos_token_id")[0]]
     bos = tokens[field("tokenizer.ggml.bos_token_id")[0]]
