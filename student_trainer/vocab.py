@@ -1,0 +1,154 @@
+"""Token strings → the bytes they stand for, and the MinED vocabulary map between two tokenizers.
+
+Pure maths: vocabularies come in as ``list[str]`` (index = token id, raw strings as the tokenizer
+stores them; ``""`` for ids past the tokenizer's size, as padded output layers have), maps go out as
+numpy arrays. Conventions (SentencePiece ``▁``, byte-fallback ``<0x0A>``, GPT-2 byte-level
+``Ġ``/``Ċ``) are detected from the vocabulary itself, never from a tokenizer class name.
+
+A token's *canonical string* is the bytes it stands for, decoded as latin-1 (one char per byte), so
+``"▁hello"``, ``"Ġhello"`` and ``" hello"`` all become ``" hello"`` and ``"<0x0A>"``/``"Ċ"`` become
+``"\\n"``. Edit distances are then counted in bytes, the same way for every tokenizer family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+SPM_MARKER = "\u2581"
+BYTE_LEVEL_SPACE = "\u0120"  # "Ġ"
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_SPECIAL = re.compile(r"^(<\|[^|<>]+\|>|\[[A-Z]+\d*\]|<unk>|<s>|</s>|<pad>|<mask>|<bos>|<eos>)$")
+# Special tokens map across tokenizers by role (never by edit distance to ordinary text tokens).
+SPECIAL_ROLES: dict[str, str] = {
+    "</s>": "eos", "<eos>": "eos", "<|endoftext|>": "eos", "<|end_of_text|>": "eos", "<|im_end|>": "eos",
+    "<|eot_id|>": "eos", "<s>": "bos", "<bos>": "bos", "<|begin_of_text|>": "bos",
+    "<|startoftext|>": "bos", "<unk>": "unk", "<pad>": "pad", "<|padding|>": "pad",
+}
+NO_TOKEN = -1  # map value of a source id with no target counterpart (padding ids, role-less specials)
+_MINED_CHUNK = 1024
+
+
+@cache
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable-unicode alphabet → byte (the inverse of ``bytes_to_unicode``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a vocabulary writes spaces and bytes, detected by :func:`detect_conventions`."""
+
+    spm_marker: bool  # "▁" stands for a space
+    byte_fallback: bool  # "<0xNN>" tokens stand for single bytes
+    byte_level: bool  # every char is one of GPT-2's 256 byte characters ("Ġ" = space, "Ċ" = newline)
+
+
+def is_special(token: str) -> bool:
+    """Control tokens such as ``</s>``, ``<|endoftext|>``, ``[PAD50427]``."""
+    return bool(_SPECIAL.match(token))
+
+
+def detect_conventions(tokens: Sequence[str]) -> Conventions:
+    """Detects the space marker and byte conventions from the token strings alone."""
+    text = [t for t in tokens if t and not is_special(t)]
+    if not text:
+        return Conventions(False, False, False)
+    alphabet = byte_level_decoder()
+    in_alphabet = sum(all(c in alphabet for c in t) for t in text) / len(text)
+    byte_level = in_alphabet >= 0.9 and any(BYTE_LEVEL_SPACE in t for t in text)
+    spm = not byte_level and sum(t.startswith(SPM_MARKER) for t in text) / len(text) >= 0.02
+    byte_fallback = len({t.upper() for t in text if _BYTE_TOKEN.match(t)}) == 256
+    return Conventions(spm_marker=spm, byte_fallback=byte_fallback, byte_level=byte_level)
+
+
+def token_bytes(token: str, conv: Conventions) -> bytes:
+    """The bytes a token stands for; a special token stands for its own name."""
+    if conv.byte_fallback and (m := _BYTE_TOKEN.match(token)):
+        return bytes([int(m.group(1), 16)])
+    if is_special(token):
+        return token.encode("utf-8")
+    if conv.byte_level:
+        alphabet = byte_level_decoder()
+        return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8") for c in token)
+    if conv.spm_marker:
+        token = token.replace(SPM_MARKER, " ")
+    return token.encode("utf-8")
+
+
+def canonical_strings(tokens: Sequence[str], conv: Conventions | None = None) -> list[str]:
+    """Canonical string (bytes as latin-1) of each token; conventions detected if not given."""
+    conv = detect_conventions(tokens) if conv is None else conv
+    return [token_bytes(t, conv).decode("latin-1") for t in tokens]
+
+
+def _preferred_ids(tokens: Sequence[str], canon: Sequence[str]) -> dict[str, int]:
+    """Canonical string → the target id that receives its mass (ordinary token before byte token)."""
+    best: dict[str, int] = {}
+    for rank in (0, 1):  # ordinary tokens first, byte-fallback tokens only fill gaps
+        for i, (tok, c) in enumerate(zip(tokens, canon, strict=True)):
+            if tok and not is_special(tok) and bool(_BYTE_TOKEN.match(tok)) == bool(rank):
+                best.setdefault(c, i)
+    return best
+
+
+def _special_targets(tokens: Sequence[str]) -> dict[str, int]:
+    """Role → first target id holding a special token of that role."""
+    roles: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if tok in SPECIAL_ROLES:
+            roles.setdefault(SPECIAL_ROLES[tok], i)
+    return roles
+
+
+def min_edit_distance_ids(queries: Sequence[str], choices: Sequence[str], workers: int = -1) -> np.ndarray:
+    """Index of the choice at minimum Levenshtein distance for each query (first minimum wins).
+
+    Returns ``(len(queries),) int64``; compiled (rapidfuzz ``cdist``), in row chunks to bound memory.
+    """
+    out = np.empty(len(queries), dtype=np.int64)
+    for s in range(0, len(queries), _MINED_CHUNK):
+        d = process.cdist(queries[s:s + _MINED_CHUNK], choices, scorer=Levenshtein.distance,
+                          dtype=np.int32, workers=workers)
+        out[s:s + _MINED_CHUNK] = d.argmin(axis=1)
+    return out
+
+
+def build_vocab_map(source: Sequence[str], target: Sequence[str], workers: int = -1) -> np.ndarray:
+    """MinED map of every source id to a target id: ``(len(source),) int64``, ``NO_TOKEN`` = none.
+
+    Identical canonical string → that target token; otherwise the target token at minimum edit
+    distance (first minimum in target-id order). Special tokens map by role (eos → eos, ...) or to
+    nothing; empty strings (padded output rows) map to nothing, so their mass is dropped.
+    """
+    src_canon, tgt_canon = canonical_strings(source), canonical_strings(target)
+    exact, roles = _preferred_ids(target, tgt_canon), _special_targets(target)
+    out = np.full(len(source), NO_TOKEN, dtype=np.int64)
+    pending: list[int] = []
+    for i, (tok, c) in enumerate(zip(source, src_canon, strict=True)):
+        if not tok:
+            continue
+        if is_special(tok):
+            out[i] = roles.get(SPECIAL_ROLES.get(tok, ""), NO_TOKEN)
+        elif c in exact:
+            out[i] = exact[c]
+        else:
+            pending.append(i)
+    if pending and exact:
+        choices = sorted(exact, key=exact.__getitem__)  # target-id order, so the first minimum wins
+        picked = min_edit_distance_ids([src_canon[i] for i in pending], choices, workers)
+        out[pending] = np.array([exact[choices[k]] for k in picked], dtype=np.int64)
+    return out
