@@ -1,0 +1,109 @@
+"""Client for one teacher service (one source model, one or more replica endpoints).
+
+    client = TeacherClient(["10.0.0.5:50051", "10.0.0.6:50051"])   # replicas, round-robin
+    info, vocab = client.info(), client.vocab()
+    scores = client.score(["some text"], top_k=10)                   # list[TeacherScores]
+
+Every call has a deadline. gRPC's own retry policy retries UNAVAILABLE (a replica going away) with
+backoff; other codes surface as ``grpc.RpcError`` at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+
+from protos import teacher_pb2 as pb
+from protos import teacher_pb2_grpc as pb_grpc
+from protos.scores import TeacherScores, decode_scores
+
+_RETRY_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "livefuse.v1.Teacher"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+
+
+def channel_target(endpoints: str | Sequence[str]) -> str:
+    """One gRPC target for one or more ``host:port`` endpoints (several IPs -> the ``ipv4:`` list scheme)."""
+    if isinstance(endpoints, str):
+        return endpoints
+    if len(endpoints) == 1:
+        return endpoints[0]
+    return "ipv4:" + ",".join(endpoints)
+
+
+class TeacherClient:
+    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 60.0,
+                 max_message_bytes: int = 256 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.service_config", json.dumps(_RETRY_SERVICE_CONFIG)),
+                   ("grpc.enable_retries", 1)]
+        self.target = channel_target(endpoints)
+        self.channel = channel or grpc.insecure_channel(self.target, options=options)
+        self.stub = pb_grpc.TeacherStub(self.channel)
+        self.timeout = timeout
+        self._ids = itertools.count()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Blocks until the channel connects (raises grpc.FutureTimeoutError after ``timeout`` s)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def info(self, timeout: float | None = None) -> pb.TeacherInfo:
+        return self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout, wait_for_ready=True)
+
+    def vocab(self, timeout: float | None = None) -> list[str]:
+        tokens: list[str] = []
+        for chunk in self.stub.GetVocab(pb.GetVocabRequest(), timeout=timeout or self.timeout, wait_for_ready=True):
+            if chunk.start_id != len(tokens):
+                raise RuntimeError(f"GetVocab chunk starts at id {chunk.start_id}, expected {len(tokens)}")
+            tokens.extend(chunk.tokens)
+        return tokens
+
+    def request(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
+                logprob_format: int = pb.LOGPROB_FLOAT16) -> pb.ScoreRequest:
+        return pb.ScoreRequest(texts=list(texts), top_k=top_k, truncate=truncate, logprob_format=logprob_format,
+                               request_id=str(next(self._ids)))
+
+    def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
+              logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None) -> list[TeacherScores]:
+        response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
+                                   timeout=timeout or self.timeout)
+        return [decode_scores(r) for r in response.results]
+
+    def score_stream(self, requests: Iterable[pb.ScoreRequest], timeout: float | None = None
+                     ) -> Iterator[pb.ScoreResponse]:
+        """Sends every request on one ScoreStream (all in flight at once); yields responses as they finish."""
+        return self.stub.ScoreStream(iter(requests), timeout=timeout or self.timeout)
+
+    def score_many(self, batches: Sequence[Sequence[str]], top_k: int = 10, truncate: bool = False,
+                   timeout: float | None = None) -> list[list[TeacherScores]]:
+        """Scores several batches over one stream; results in batch order. A failed request raises."""
+        requests = [self.request(b, top_k, truncate) for b in batches]
+        by_id: dict[str, list[TeacherScores]] = {}
+        for response in self.score_stream(requests, timeout):
+            if response.HasField("error"):
+                raise RuntimeError(f"request {response.request_id} failed: "
+                                   f"{_status_name(response.error.code)}: {response.error.message}")
+            by_id[response.request_id] = [decode_scores(r) for r in response.results]
+        return [by_id[r.request_id] for r in requests]
+
+
+def _status_name(value: int) -> str:
+    return next((c.name for c in grpc.StatusCode if c.value[0] == value), str(value))

@@ -1,0 +1,96 @@
+"""Serve one source LLM over gRPC.
+
+    livefuse-teacher --model PATH_OR_HUB_ID [--config teacher.yaml] [--port 50051] [...]
+    python -m teacher_server --model ./tiny-llama --device cpu --port 0 --metrics-port none
+
+Every setting of ``TeacherConfig`` is a flag; a YAML file (--config) gives the same settings and flags
+override it. SIGTERM / Ctrl-C drain in-flight requests for ``grace_seconds`` before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import types
+import typing
+
+from teacher_server.config import TeacherConfig, load_config
+from teacher_server.logs import setup_logging
+
+log = logging.getLogger("livefuse.teacher")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "off") else int(text)
+
+
+def _flag_type(annotation: object) -> tuple[object, bool]:
+    """argparse type for a config field annotation; second item: is it a bool flag."""
+    args = typing.get_args(annotation)
+    if annotation is bool:
+        return None, True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and int in args:
+        return _optional_int, False
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, False
+    return (annotation if annotation in (int, float) else str), False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livefuse-teacher", description=__doc__, argument_default=None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with TeacherConfig settings (flags override it)")
+    for name, field in TeacherConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, is_bool = _flag_type(field.annotation)
+        default = "required" if field.is_required() else f"default: {field.default}"
+        help_text = f"{field.description} ({default})"
+        if is_bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+async def serve(config: TeacherConfig) -> None:
+    from teacher_server.server import TeacherServer
+
+    server = TeacherServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        await server.stop(0)
+        raise loading.exception()
+    await stopping
+    loading.cancel()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    try:
+        config = load_config(path, args)
+    except (ValueError, OSError) as err:
+        sys.exit(f"livefuse-teacher: {err}")
+    setup_logging(config.log_format, config.log_level)
+    log.info("config", extra={"fields": config.model_dump()})
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as err:
+        log.error(str(err))
+        sys.exit(f"livefuse-teacher: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Token-budget dynamic batcher.
+
+Texts from all requests wait in one queue. Each forward pass serves the oldest waiting text together with
+the texts closest to it in length, as many as fit the padded-token budget: the oldest text is never
+starved and padding stays small. The forward runs on one worker thread, off the event loop; a text whose
+caller went away (cancelled, deadline passed) is dropped before it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from teacher_server.backend import ScoreOutput
+from teacher_server.metrics import TeacherMetrics
+
+ScoreFn = Callable[[Sequence[np.ndarray], int], list[ScoreOutput]]
+
+
+class QueueFull(Exception):
+    """The queue holds too many tokens to accept this request now."""
+
+
+@dataclass(order=True)
+class _Item:
+    length: int
+    seq: int
+    ids: np.ndarray = field(compare=False)
+    top_k: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+
+
+def pick_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_texts: int) -> tuple[int, int]:
+    """Widest window [lo, hi] of ascending ``lengths`` around ``anchor`` whose padded size fits.
+
+    Grows one step at a time toward the neighbour closest in length; padded size = count * lengths[hi].
+    """
+    lo = hi = anchor
+    while hi - lo + 1 < max_texts:
+        options = []
+        if lo > 0:
+            options.append((lengths[anchor] - lengths[lo - 1], lo - 1, hi))
+        if hi + 1 < len(lengths):
+            options.append((lengths[hi + 1] - lengths[anchor], lo, hi + 1))
+        fitting = [o for o in options if (o[2] - o[1] + 1) * lengths[o[2]] <= max_tokens]
+        if not fitting:
+            break
+        _, lo, hi = min(fitting)
+    return lo, hi
+
+
+class TokenBudgetBatcher:
+    def __init__(self, score: ScoreFn, *, max_batch_tokens: int, max_batch_texts: int, max_queue_tokens: int,
+                 metrics: TeacherMetrics | None = None) -> None:
+        self._score = score
+        self.max_batch_tokens, self.max_batch_texts = max_batch_tokens, max_batch_texts
+        self.max_queue_tokens = max_queue_tokens
+        self._metrics = metrics
+        self._pending: list[_Item] = []  # sorted by (length, arrival)
+        self._queued_tokens = 0
+        self._counter = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, seqs: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+        """Queues the sequences and waits for their scores (raises QueueFull when over the token bound)."""
+        tokens = sum(len(s) for s in seqs)
+        if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+            raise QueueFull(f"{self._queued_tokens} tokens are queued; the limit is {self.max_queue_tokens}")
+        loop = asyncio.get_running_loop()
+        items = [_Item(len(s), next(self._counter), s, top_k, loop.create_future()) for s in seqs]
+        for item in items:
+            bisect.insort(self._pending, item)
+        self._queued_tokens += tokens
+        self._update_gauges()
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            for item in items:
+                item.future.cancel()  # no-op when done; drops the rest if the caller went away
+
+    def _take_batch(self) -> list[_Item]:
+        self._pending = [i for i in self._pending if not i.future.done()]
+        self._queued_tokens = sum(i.length for i in self._pending)
+        if not self._pending:
+            return []
+        anchor = min(range(len(self._pending)), key=lambda j: self._pending[j].seq)
+        lo, hi = pick_window([i.length for i in self._pending], anchor, self.max_batch_tokens, self.max_batch_texts)
+        batch = self._pending[lo:hi + 1]
+        del self._pending[lo:hi + 1]
+        self._queued_tokens -= sum(i.length for i in batch)
+        self._update_gauges()
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            top_k = max(i.top_k for i in batch)
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(self._executor, self._score, [i.ids for i in batch], top_k)
+            except Exception as exc:  # a failed forward fails its requests, never the server
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self._observe(batch, time.perf_counter() - t0)
+            for item, out in zip(batch, outs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(_slice_k(out, item.top_k))
+
+    def _observe(self, batch: list[_Item], seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_tokens.observe(len(batch) * batch[-1].length)
+            self._metrics.batch_seconds.observe(seconds)
+
+    def _update_gauges(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_texts.set(len(self._pending))
+            self._metrics.queue_tokens.set(self._queued_tokens)
+
+
+def _slice_k(out: ScoreOutput, k: int) -> ScoreOutput:
+    if out.topk_ids.shape[1] == k:
+        return out
+    return ScoreOutput(out.topk_ids[:, :k], out.topk_logprobs[:, :k], out.next_logprobs)

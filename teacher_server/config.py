@@ -1,0 +1,111 @@
+"""Teacher server configuration: one typed model, loaded from YAML and overridden from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKEND_NAMES = ("hf",)  # a vLLM backend is planned (issue 6)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class TeacherConfig(BaseModel):
+    """Everything a teacher server needs. Every field is also a ``livefuse-teacher`` flag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model folder or hub id (any AutoModelForCausalLM)")
+    tokenizer: str | None = Field(None, description="tokenizer folder or hub id (default: the model's)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the model folder, if the model is GGUF")
+    backend: str = Field("hf", description=f"inference backend: {' | '.join(BACKEND_NAMES)}")
+    device: str = Field("auto", description="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    attn_implementation: str = Field("auto", description="attention kernel: auto (SDPA where the architecture has it, else eager) | sdpa | eager | flash_attention_2")
+    compile: bool = Field(False, description="torch.compile the model forward (GPU; slow first batches)")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub (only for models you trust)")
+    add_bos: bool = Field(False, description="prepend the BOS token before scoring (FuseLLM scores without BOS)")
+    host: str = Field("0.0.0.0", description="address to bind")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int | None = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one; null disables)")
+    default_top_k: int = Field(10, ge=1, description="top_k used when a request leaves it at 0")
+    max_top_k: int = Field(64, ge=1, description="largest top_k a request may ask for")
+    max_texts_per_request: int = Field(256, ge=1, description="texts per Score request")
+    max_tokens_per_text: int = Field(4096, ge=1, description="teacher tokens per text (longer: rejected, or truncated on request)")
+    max_tokens_per_request: int = Field(262144, ge=1, description="teacher tokens summed over a request's texts")
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass (the batcher's token budget)")
+    max_batch_texts: int = Field(256, ge=1, description="texts per forward pass")
+    max_queue_tokens: int = Field(1048576, ge=1, description="tokens waiting in the queue before requests get RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent")
+    logprob_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the fp32 log-softmax (0: sized to ~256 MB)")
+    pad_to_multiple_of: int = Field(1, ge=1, description="pad batch length to a multiple of this (fewer shapes under --compile)")
+    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize requests")
+    warmup: bool = Field(True, description="run a forward pass before reporting SERVING")
+    grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {v!r}; accepted: {', '.join(BACKEND_NAMES)}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; accepted: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        head, _, index = v.partition(":")
+        if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+            raise ValueError(f"unknown device {v!r}; accepted: auto, cpu, cuda, cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> TeacherConfig:
+        checks = [
+            ("default_top_k", self.default_top_k, "max_top_k", self.max_top_k),
+            ("max_tokens_per_text", self.max_tokens_per_text, "max_tokens_per_request", self.max_tokens_per_request),
+            ("max_tokens_per_text", self.max_tokens_per_text, "max_batch_tokens", self.max_batch_tokens),
+            ("max_tokens_per_request", self.max_tokens_per_request, "max_queue_tokens", self.max_queue_tokens),
+        ]
+        for small_name, small, big_name, big in checks:
+            if small > big:
+                raise ValueError(f"{small_name}={small} must be <= {big_name}={big}")
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{field}: {e['msg']}{shown}")
+    return "invalid teacher config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TeacherConfig:
+    """Reads YAML ``path`` (optional), applies ``overrides`` on top and validates.
+
+    Raises ValueError naming each bad field, its value and what is accepted.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    data.update(overrides or {})
+    try:
+        return TeacherConfig(**data)
+    except ValidationError as err:
+        raise ValueError(_format_errors(err)) from None

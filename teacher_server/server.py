@@ -1,0 +1,122 @@
+"""Builds and runs a teacher server: gRPC Teacher + health + reflection services, metrics endpoint.
+
+    server = TeacherServer(config); await server.start()   # binds; health NOT_SERVING
+    await server.load()                                     # model ready and warmed up; health SERVING
+    await server.stop()                                     # drains in-flight requests (SIGTERM does this)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import teacher_pb2 as pb
+from protos import teacher_pb2_grpc as pb_grpc
+from teacher_server.backend import BACKENDS, Backend
+from teacher_server.batcher import TokenBudgetBatcher
+from teacher_server.config import TeacherConfig
+from teacher_server.metrics import TeacherMetrics
+from teacher_server.servicer import TeacherServicer
+from teacher_server.tokenizer import TeacherTokenizer
+
+log = logging.getLogger("livefuse.teacher.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+
+
+def _server_version() -> str:
+    try:
+        return version("livefuse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_info(config: TeacherConfig, backend: Backend, tokenizer: TeacherTokenizer) -> pb.TeacherInfo:
+    """The limits a client sees, tightened by what the model itself can take."""
+    max_tokens = config.max_tokens_per_text
+    if backend.max_positions is not None:
+        max_tokens = min(max_tokens, backend.max_positions - int(config.add_bos))
+    if config.max_top_k > backend.vocab_size:
+        raise ValueError(f"max_top_k={config.max_top_k} exceeds the model's vocabulary size {backend.vocab_size}")
+    return pb.TeacherInfo(
+        model_name=config.model, architecture=backend.architecture, tokenizer_fingerprint=tokenizer.fingerprint,
+        vocab_size=backend.vocab_size, tokenizer_size=tokenizer.size, special_token_ids=tokenizer.special_ids,
+        max_top_k=config.max_top_k, max_texts_per_request=config.max_texts_per_request,
+        max_tokens_per_text=max_tokens, max_tokens_per_request=config.max_tokens_per_request,
+        max_message_bytes=config.max_message_bytes, dtype=backend.dtype, device=backend.device,
+        backend=backend.name, add_bos=config.add_bos, server_version=_server_version(),
+    )
+
+
+class TeacherServer:
+    def __init__(self, config: TeacherConfig, backend: Backend | None = None,
+                 tokenizer: TeacherTokenizer | None = None) -> None:
+        """``backend``/``tokenizer`` may be given (tests, embedding); otherwise ``load`` builds them."""
+        self.config = config
+        self._given = (backend, tokenizer)
+        self.metrics = TeacherMetrics()
+        self.health = health.aio.HealthServicer()
+        self.servicer = TeacherServicer(config, self.metrics)
+        self.batcher: TokenBudgetBatcher | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
+                  ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.server = grpc.aio.server(options=limits)
+
+    async def start(self) -> int:
+        """Binds and starts serving health (NOT_SERVING) and reflection; returns the gRPC port."""
+        pb_grpc.add_TeacherServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
+        return self.port
+
+    async def load(self) -> None:
+        """Loads (unless given) and warms up the model, then reports SERVING."""
+        backend, tokenizer = self._given
+        if backend is None or tokenizer is None:
+            loop = asyncio.get_running_loop()
+            backend, tokenizer = await loop.run_in_executor(None, BACKENDS[self.config.backend], self.config)
+        info = build_info(self.config, backend, tokenizer)
+        self.batcher = TokenBudgetBatcher(backend.score, max_batch_tokens=self.config.max_batch_tokens,
+                                          max_batch_texts=self.config.max_batch_texts,
+                                          max_queue_tokens=self.config.max_queue_tokens, metrics=self.metrics)
+        self.batcher.start()
+        if self.config.warmup:
+            t0 = time.perf_counter()
+            await self.batcher.submit([np.arange(1, 17) % backend.vocab_size], info.max_top_k)
+            log.info("warmed up", extra={"fields": {"seconds": round(time.perf_counter() - t0, 3)}})
+        self.servicer.attach(info, tokenizer, self.batcher)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"model": info.model_name, "vocab_size": info.vocab_size,
+                                              "fingerprint": info.tokenizer_fingerprint}})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, refuses new RPCs and waits up to ``grace`` s for in-flight ones."""
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.servicer.close()
+        self.metrics.close()
+        log.info("stopped")
