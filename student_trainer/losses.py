@@ -1,0 +1,118 @@
+"""Losses on sparse teacher targets: ``L = λ·L_CLM + (1−λ)·L_fuse``, never a dense (B, T, V) target.
+
+Pure torch. The teacher side is ``ids (B, T, K)`` + ``logprobs (B, T, K)`` (temperature-1 log-probs,
+``-inf`` = no entry); the student side is ``logits (B, T, V)``. The loss gathers the student's
+log-softmax at the K kept ids. Forward and backward both run over chunks of T in fp32, and the
+backward recomputes the softmax per chunk instead of keeping it, so extra memory is one
+``(B, chunk, V)`` fp32 block; the only (B, T, V) tensor made is the logits' gradient itself.
+
+Numerics: fp32; teacher probabilities are softmax(logprobs/τ) renormalised over the kept entries; a
+position counts if ``mask`` is set and its row has an entry; the sum is divided by the number of
+counted positions (or by ``num_tokens``, the global count under gradient accumulation); an
+all-masked batch gives 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DEFAULT_CHUNK = 256
+
+
+def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logprobs/τ) over the finite entries of each row, fp32; an empty row gives zeros.
+
+    ``logprobs (..., K)`` → ``(..., K)``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logprobs.float() / temperature
+    empty = ~torch.isfinite(z).any(dim=-1, keepdim=True)
+    z = z.masked_fill(empty, 0.0)
+    return torch.softmax(z, dim=-1).masked_fill(empty, 0.0)
+
+
+class _SparseCrossEntropy(torch.autograd.Function):
+    """Σ_positions w · (−Σ_k P_k · log softmax(z)[ids_k]), chunked over T in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                weight: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        for s in range(0, logits.shape[1], chunk):
+            z = logits[:, s:s + chunk].float()
+            logq = z.gather(-1, ids[:, s:s + chunk]) - torch.logsumexp(z, dim=-1, keepdim=True)
+            total += -((probs[:, s:s + chunk] * logq).sum(-1) * weight[:, s:s + chunk]).sum()
+        ctx.save_for_backward(logits, ids, probs, weight)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, ids, probs, weight = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[1], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            p, w = probs[:, sl], weight[:, sl] * grad
+            g = torch.softmax(logits[:, sl].float(), dim=-1) * p.sum(-1, keepdim=True)
+            g.scatter_add_(-1, ids[:, sl], -p)
+            out[:, sl] = (g * w.unsqueeze(-1)).to(logits.dtype)
+        return out, None, None, None, None
+
+
+def _weights(mask: torch.Tensor, probs: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
+    """Per-position weight ``(B, T)``: counted positions over the normaliser, 0 elsewhere."""
+    counted = mask.bool() & (probs.sum(-1) > 0)
+    denom = float(counted.sum()) if num_tokens is None else float(num_tokens)
+    return counted.float() / max(denom, 1.0)
+
+
+def sparse_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+                         mask: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+                         num_tokens: float | None = None) -> torch.Tensor:
+    """Soft cross-entropy −Σ P·log q, averaged over counted positions. Returns a scalar fp32 tensor.
+
+    ``logits (B, T, V)``, ``target_ids (B, T, K)`` int64, ``target_logprobs (B, T, K)``,
+    ``mask (B, T)`` bool (False = ignore, e.g. padding).
+    """
+    probs = teacher_probs(target_logprobs, temperature)
+    weight = _weights(mask, probs, num_tokens)
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)
+
+
+def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+              mask: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+              num_tokens: float | None = None) -> torch.Tensor:
+    """Forward KL(P ‖ q) = soft CE − H(P); same gradient as the soft CE, 0 when q matches P on its ids."""
+    probs = teacher_probs(target_logprobs, temperature)
+    weight = _weights(mask, probs, num_tokens)
+    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
+    entropy = -(plogp.sum(-1) * weight).sum()
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size) - entropy
+
+
+def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, *,
+             chunk_size: int = DEFAULT_CHUNK, num_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position i predicts ``input_ids[:, i+1]``; the last position is unused.
+
+    ``logits (B, T, V)``, ``input_ids (B, T)``, ``mask (B, T)`` on the predicting positions.
+    """
+    ids = torch.zeros_like(input_ids, dtype=torch.long)
+    ids[:, :-1] = input_ids[:, 1:]
+    lp = torch.full(ids.shape, float("-inf"), device=logits.device)
+    lp[:, :-1] = 0.0
+    return sparse_cross_entropy(logits, ids.unsqueeze(-1), lp.unsqueeze(-1), mask,
+                                chunk_size=chunk_size, num_tokens=num_tokens)
+
+
+def combined_loss(clm: torch.Tensor, fusion: torch.Tensor, lam: float = 0.9) -> torch.Tensor:
+    """The paper's objective ``λ·L_CLM + (1−λ)·L_fuse`` (λ = 0.9 in FuseLLM)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    return lam * clm + (1.0 - lam) * fusion
+
+
+FusionLoss = Callable[..., torch.Tensor]
+FUSION_LOSSES: dict[str, FusionLoss] = {"ce": sparse_cross_entropy, "kl": sparse_kl}
