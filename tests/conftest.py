@@ -13,7 +13,7 @@ TINY_MODELS = {
     "llama": ("llama", "llama-spm"),
     "mpt": ("mpt", "mpt"),
     "gpt2": ("gpt2", "gpt-2"),
-    "gpt-neox": ("gpt-neox", "gpt-neox"),
+    "gpt-neox": ("gpt-neox", "mistral-spm"),
 }
 
 

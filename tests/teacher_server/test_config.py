@@ -1,0 +1,55 @@
+"""TeacherConfig: YAML + overrides, and errors that name the field, the value and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from teacher_server.__main__ import build_parser
+from teacher_server.config import TeacherConfig, load_config
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "teacher.yaml"
+    path.write_text("model: org/model\nmax_top_k: 32\nport: 6000\ncompile: true\n")
+    config = load_config(path, {"port": 7000})
+    assert (config.model, config.max_top_k, config.port, config.compile) == ("org/model", 32, 7000, True)
+    assert config.dtype == "auto" and config.default_top_k == 10
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ({"backend": "tgi"}, ["backend", "'tgi'", "hf"]),
+    ({"dtype": "fp8"}, ["dtype", "'fp8'", "bfloat16"]),
+    ({"device": "tpu:0"}, ["device", "tpu:0", "cuda:N"]),
+    ({"max_top_k": 0}, ["max_top_k", "greater than or equal to 1", "got 0"]),
+    ({"port": 70000}, ["port", "70000"]),
+    ({"log_format": "xml"}, ["log_format", "'json'", "'text'"]),
+    ({"max_top_k_typo": 3}, ["max_top_k_typo", "Extra inputs"]),
+    ({"default_top_k": 50, "max_top_k": 20}, ["default_top_k=50", "max_top_k=20"]),
+    ({"max_tokens_per_text": 9000, "max_batch_tokens": 8192}, ["max_tokens_per_text=9000", "max_batch_tokens=8192"]),
+])
+def test_bad_values_are_named(override, words):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides={"model": "m", **override})
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_model_is_required_and_yaml_must_be_a_mapping(tmp_path):
+    with pytest.raises(ValueError, match="model: Field required"):
+        load_config(overrides={})
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(path)
+
+
+def test_cli_flags_cover_every_field_and_only_given_flags_override(tmp_path):
+    path = tmp_path / "teacher.yaml"
+    path.write_text("model: from-yaml\nwarmup: false\nmetrics_port: 9999\n")
+    args = vars(build_parser().parse_args(["--config", str(path), "--metrics-port", "none", "--max-top-k", "5",
+                                           "--default-top-k", "5"]))
+    config = load_config(args.pop("config"), args)
+    assert config.model == "from-yaml" and config.warmup is False  # untouched by absent flags
+    assert config.metrics_port is None and config.max_top_k == 5
+    dests = {a.dest for a in build_parser()._actions}
+    assert set(TeacherConfig.model_fields) <= dests
