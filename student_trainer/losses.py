@@ -34,15 +34,20 @@ def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return torch.softmax(z, dim=-1).masked_fill(empty, 0.0)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 logits are computed in fp32; fp64 stays fp64)."""
+    return x.float() if x.element_size() < 4 else x
+
+
 class _SparseCrossEntropy(torch.autograd.Function):
     """Σ_positions w · (−Σ_k P_k · log softmax(z)[ids_k]), chunked over T in forward and backward."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
                 weight: torch.Tensor, chunk: int) -> torch.Tensor:
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = _upcast(logits.new_zeros(()))
         for s in range(0, logits.shape[1], chunk):
-            z = logits[:, s:s + chunk].float()
+            z = _upcast(logits[:, s:s + chunk])
             logq = z.gather(-1, ids[:, s:s + chunk]) - torch.logsumexp(z, dim=-1, keepdim=True)
             total += -((probs[:, s:s + chunk] * logq).sum(-1) * weight[:, s:s + chunk]).sum()
         ctx.save_for_backward(logits, ids, probs, weight)
@@ -56,8 +61,8 @@ class _SparseCrossEntropy(torch.autograd.Function):
         for s in range(0, logits.shape[1], ctx.chunk):
             sl = slice(s, s + ctx.chunk)
             p, w = probs[:, sl], weight[:, sl] * grad
-            g = torch.softmax(logits[:, sl].float(), dim=-1) * p.sum(-1, keepdim=True)
-            g.scatter_add_(-1, ids[:, sl], -p)
+            g = torch.softmax(_upcast(logits[:, sl]), dim=-1) * p.sum(-1, keepdim=True)
+            g.scatter_add_(-1, ids[:, sl], -p.to(g.dtype))
             out[:, sl] = (g * w.unsqueeze(-1)).to(logits.dtype)
         return out, None, None, None, None
 
