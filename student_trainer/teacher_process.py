@@ -1,0 +1,92 @@
+"""Start a teacher server as a child process on a free local port and stop it reliably.
+
+    with TeacherProcess(model_dir) as teacher:      # SERVING when the block starts
+        client = TeacherClient(teacher.address)
+
+The child is stopped with SIGTERM (graceful drain), then SIGKILL if it lingers, on normal exit, on an
+exception and on Ctrl-C; it also gets SIGKILL from the kernel if this process dies (Linux PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGKILL us when the parent dies (no orphans after a crash)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class TeacherProcess:
+    def __init__(self, model: str | Path, *args: str, name: str = "teacher", startup_timeout: float = 300.0,
+                 log_path: Path | None = None) -> None:
+        self.cmd = [sys.executable, "-m", "teacher_server", "--model", str(model), "--host", "127.0.0.1",
+                    "--port", "0", "--metrics-port", "none", "--log-format", "json", *args]
+        self.name, self.startup_timeout, self.log_path = name, startup_timeout, log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.recent: deque[str] = deque(maxlen=20)
+        self._ready = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        """Reads the child's log: finds the port and the 'serving' line, keeps the tail, copies to a file."""
+        assert self.proc is not None and self.proc.stderr is not None
+        sink = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
+        for line in self.proc.stderr:
+            self.recent.append(line.rstrip())
+            if sink:
+                sink.write(line)
+                sink.flush()
+            if line.startswith("{"):
+                record = json.loads(line)
+                self.port = record.get("port", self.port)
+                if record.get("msg") == "serving":
+                    self._ready.set()
+        if sink:
+            sink.close()
+
+    def start(self) -> TeacherProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n  ".join(self.recent)
+                raise RuntimeError(f"{self.name} did not start ({' '.join(self.cmd)}):\n  {tail}")
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> TeacherProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
