@@ -53,3 +53,11 @@ def test_cli_flags_cover_every_field_and_only_given_flags_override(tmp_path):
     assert config.metrics_port is None and config.max_top_k == 5
     dests = {a.dest for a in build_parser()._actions}
     assert set(TeacherConfig.model_fields) <= dests
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in TeacherConfig.model_fields:
+        assert f"| `{name}` | `--{name.replace('_', '-')}` |" in readme, name
