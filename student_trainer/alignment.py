@@ -270,6 +270,8 @@ def _one_to_one(path_i: np.ndarray, path_j: np.ndarray, n_t: int) -> np.ndarray:
 def mined_positions(target: Tokens, source: Tokens, pair: VocabPair) -> np.ndarray:
     """Source position feeding each target position under MinED: ``(T,) int64``, -1 = none."""
     s_ids, t_ids = source.ids.astype(np.int64), target.ids.astype(np.int64)
+    if len(s_ids) == 0 or len(t_ids) == 0:
+        return np.full(len(t_ids), -1, np.int64)
     src, tgt = lookup(pair.source_stripped, s_ids, ""), lookup(pair.target_stripped, t_ids, "")
     path_i, path_j = dtw_path(src, tgt, target, source)
     pos = _one_to_one(path_i, path_j, len(t_ids))

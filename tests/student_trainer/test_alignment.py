@@ -105,6 +105,21 @@ def test_one_hot_fallback_uses_next_token(toy_pair, name):
     assert out.aligned[3] == (name == "offsets")  # "at" ends where "▁cat" ends, but is not equal to it
 
 
+def test_many_source_tokens_to_one_target_token(toy_pair):
+    """Source splits "▁cat" in three: offsets takes the last piece (same text read); MinED, which needs a
+    one-to-one match, falls back to the gold next token."""
+    target = toy_tokens([1, 2, 3, 9], TOY_VOCAB)  # ▁the ▁cat ▁sat .
+    source = toy_tokens([1, 6, 7, 5, 3, 9], TOY_VOCAB)  # ▁the ▁ c at ▁sat .
+    topk = np.tile(np.arange(3), (6, 1)) + np.arange(6)[:, None]
+    out = {name: get_aligner(name)(target, teacher(source, topk, np.log(np.full((6, 3), 0.3))), toy_pair)
+           for name in ALIGNERS}
+    assert sorted(out["offsets"].ids[1]) == topk[3].tolist() and out["offsets"].aligned[1]
+    assert not out["mined"].aligned[1] and out["mined"].ids[1, 0] == target.ids[2]
+    assert out["mined"].aligned[2] and sorted(out["mined"].ids[2]) == topk[4].tolist()
+    empty = Tokens(np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
+    assert mined_positions(target, empty, toy_pair).tolist() == [-1] * 4
+
+
 def test_many_to_one_vocab_map_sums_mass():
     """Defect: the original kept the first of several source ids mapping to one target id."""
     source_vocab = ["a", "\u2581b", "b", "bx", "c", ""]
