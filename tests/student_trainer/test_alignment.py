@@ -55,6 +55,22 @@ def plain_dtw(src: list[str], tgt: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(path_i), np.array(path_j)
 
 
+def plain_mined_positions(path_i, path_j, src: Tokens, tgt: Tokens, pair) -> list[int]:
+    """The paper's rule, plainly: a target token with exactly one DTW partner that equals it."""
+    partners: dict[int, list[int]] = {}
+    for i, j in zip(path_i.tolist(), path_j.tolist(), strict=True):
+        partners.setdefault(j, []).append(i)
+    out = []
+    for j, t_id in enumerate(tgt.ids.tolist()):
+        (i, *more) = partners[j]
+        s_id = int(src.ids[i])
+        s_str, t_str = pair.source_canon[s_id], pair.target_canon[t_id]
+        if i == 0 and j == 0:
+            s_str, t_str = s_str.lstrip(" "), t_str.lstrip(" ")
+        out.append(i if not more and (s_str == t_str or pair.vocab_map[s_id] == t_id) else -1)
+    return out
+
+
 def toy_tokens(ids: list[int], vocab: list[str]) -> Tokens:
     """Tokens with offsets computed from the strings (the marker counts as one char)."""
     lengths = np.array([len(vocab[i]) for i in ids], np.int64)
@@ -170,6 +186,7 @@ def test_fast_dtw_equals_plain_dtw_on_real_text(tokenizers, vocab_pair, pair_nam
     ref_i, ref_j = plain_dtw(list(s_str), list(t_str))
     assert len(tgt.ids) > 0.9 * limit
     assert np.array_equal(fast_i, ref_i) and np.array_equal(fast_j, ref_j)
+    assert mined_positions(tgt, src, pair).tolist() == plain_mined_positions(ref_i, ref_j, src, tgt, pair)
 
 
 def test_band_widens_when_offsets_mislead(tokenizers, vocab_pair):
