@@ -1,0 +1,187 @@
+"""Trainer configuration: typed, loaded from YAML, overridden by ``key=value`` arguments, validated on load.
+
+    livefuse-train --config configs/demo.yaml method.fusion=avg_ce train.max_steps=50
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from student_trainer.alignment import ALIGNERS
+from student_trainer.fusion import AVG_WEIGHTS, FUSIONS, SEQUENCE_CE
+from student_trainer.losses import FUSION_LOSSES
+
+FAILURE_POLICIES = ("wait", "skip", "fail")
+
+
+def _one_of(value: str, registry: object, field: str) -> str:
+    if value not in registry:  # type: ignore[operator]
+        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(sorted(registry))}")  # type: ignore[arg-type]
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    model: str = Field(description="target model folder or hub id (its initial weights)")
+    tokenizer: str | None = Field(None, description="target tokenizer (default: the model's)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loading")
+
+
+class SourceConfig(_Strict):
+    name: str = Field(description="name used in logs and metrics")
+    endpoints: list[str] = Field(min_length=1, description="host:port of each replica of this source")
+    top_k: int = Field(10, ge=1, description="top-k entries per position requested from the teacher")
+    timeout_s: float = Field(120.0, gt=0, description="deadline of one Score call")
+    failure: str = Field("wait", description="what to do when the source fails: wait | skip | fail")
+    wait_max_s: float = Field(600.0, gt=0, description="policy 'wait': give up after this many seconds")
+    texts_per_request: int = Field(16, ge=1, description="texts sent per Score request")
+
+    @field_validator("failure")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        return _one_of(v, FAILURE_POLICIES, "failure policy")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for e in v:
+            host, _, port = e.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"endpoint {e!r} is not host:port")
+        return v
+
+
+class MethodConfig(_Strict):
+    aligner: str = Field("mined", description="token aligner: mined | offsets")
+    fusion: str = Field("min_ce", description="fusion: min_ce | avg_ce")
+    ce_normalization: str = Field("token", description="per-sequence CE: token (paper) | char")
+    avg_weighting: str = Field("softmax", description="avg_ce weights: paper | softmax (softmax(-CE/tau))")
+    avg_tau: float = Field(1.0, gt=0, description="tau of the softmax AvgCE weights")
+    lambda_clm: float = Field(0.9, ge=0, le=1, description="λ in λ·CLM + (1−λ)·fusion")
+    temperature: float = Field(1.0, gt=0, description="teacher temperature")
+    fusion_loss: str = Field("ce", description="fusion loss: ce (soft cross-entropy) | kl")
+
+    @field_validator("aligner")
+    @classmethod
+    def _aligner(cls, v: str) -> str:
+        return _one_of(v, ALIGNERS, "aligner")
+
+    @field_validator("fusion")
+    @classmethod
+    def _fusion(cls, v: str) -> str:
+        return _one_of(v, FUSIONS, "fusion")
+
+    @field_validator("ce_normalization")
+    @classmethod
+    def _ce(cls, v: str) -> str:
+        return _one_of(v, SEQUENCE_CE, "ce_normalization")
+
+    @field_validator("avg_weighting")
+    @classmethod
+    def _weighting(cls, v: str) -> str:
+        return _one_of(v, AVG_WEIGHTS, "avg_weighting")
+
+    @field_validator("fusion_loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return _one_of(v, FUSION_LOSSES, "fusion_loss")
+
+
+class DataConfig(_Strict):
+    train_files: list[str] = Field(min_length=1, description="local .txt / .jsonl / .json / .parquet files")
+    validation_files: list[str] = Field(default_factory=list, description="held-out files (else split)")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out when no validation_files")
+    text_field: str = Field("text", description="field holding the text in JSON / parquet rows")
+    seq_len: int = Field(512, ge=8, description="target tokens per training block")
+    shuffle_seed: int = Field(0, description="seed of the per-epoch block order")
+    min_block_tokens: int = Field(16, ge=2, description="drop trailing blocks shorter than this")
+
+
+class TrainConfig(_Strict):
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config (ZeRO, precision, optimizer, ...)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (else epochs)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training blocks when max_steps is unset")
+    seed: int = Field(0, description="model / RNG seed")
+
+
+class RunConfig(_Strict):
+    output_dir: str = Field(description="checkpoints, metrics.jsonl, TensorBoard logs and the export go here")
+    log_every: int = Field(1, ge=1, description="steps between metric lines")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
+    eval_blocks: int = Field(64, ge=1, description="held-out blocks per evaluation")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    prefetch_depth: int = Field(4, ge=1, description="micro-batches fetched and aligned ahead of training")
+    export: bool = Field(True, description="save_pretrained the final model + tokenizer to output_dir/final")
+    resume: bool = Field(True, description="continue from the latest checkpoint in output_dir if there is one")
+    vocab_cache_dir: str | None = Field(None, description="where vocab maps are cached (default: the livefuse cache)")
+    connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for each source at start")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class TrainerConfig(_Strict):
+    target: ModelConfig
+    sources: list[SourceConfig] = Field(default_factory=list, description="source teachers (empty: CLM only)")
+    method: MethodConfig = MethodConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    run: RunConfig
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TrainerConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: duplicate names {dupes}; each source needs its own name")
+        if self.method.lambda_clm < 1.0 and not self.sources:
+            raise ValueError("method.lambda_clm < 1 needs at least one source; set lambda_clm=1 for CLM only")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{field}: {e['msg']}{shown}")
+    return "invalid trainer config:\n  " + "\n  ".join(lines)
+
+
+def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainerConfig:
+    """YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then validation."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. method.fusion=avg_ce)")
+        try:
+            _set_dotted(data, key, yaml.safe_load(raw))
+        except (IndexError, ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"override {item!r}: cannot set {key}: {err}") from None
+    try:
+        return TrainerConfig(**data)
+    except ValidationError as err:
+        raise ValueError(_format(err)) from None

@@ -1,0 +1,109 @@
+"""The trainer's side of each source: one channel over its replicas, its vocabulary mapped into the
+target's once, and the failure policy (wait / skip / fail) around every fetch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from student_trainer.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
+from student_trainer.config import SourceConfig
+from student_trainer.teacher_client import TeacherClient
+from student_trainer.vocab_cache import cached_vocab_map
+
+log = logging.getLogger("livefuse.trainer.teachers")
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+class SourceFailed(RuntimeError):
+    """A source is down and its policy says stop (``fail``, or ``wait`` past ``wait_max_s``)."""
+
+
+class SourceChanged(RuntimeError):
+    """A source came back serving another tokenizer: its outputs would be garbage in the cached mapping."""
+
+
+class Source:
+    def __init__(self, config: SourceConfig, target_vocab: Sequence[str], target_fingerprint: str,
+                 cache_dir: Path, connect_timeout: float = 60.0) -> None:
+        self.config, self.name = config, config.name
+        self.client = TeacherClient(config.endpoints, timeout=config.timeout_s)
+        try:
+            self.info = self.client.info(timeout=connect_timeout)
+            vocab = self.client.vocab(timeout=max(connect_timeout, config.timeout_s))
+        except grpc.RpcError as err:
+            self.client.close()
+            raise SourceFailed(f"source {self.name!r} at {', '.join(config.endpoints)} is not reachable "
+                               f"({err.code().name}: {err.details()}); is the teacher running?") from None
+        if config.top_k > self.info.max_top_k:
+            raise ValueError(f"sources[{self.name}].top_k={config.top_k} exceeds the teacher's "
+                             f"max_top_k={self.info.max_top_k}")
+        vmap = cached_vocab_map(vocab, target_vocab, self.info.tokenizer_fingerprint, target_fingerprint,
+                                cache_dir)
+        self.pair: VocabPair = make_vocab_pair(vocab, target_vocab, vmap)
+        self.skipped = 0
+        self._broken_since: float | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _score(self, texts: Sequence[str]) -> list[TeacherOutput]:
+        n = self.config.texts_per_request
+        out: list[TeacherOutput] = []
+        for s in range(0, len(texts), n):
+            for r in self.client.score(texts[s:s + n], top_k=self.config.top_k, truncate=True):
+                tokens = Tokens(r.input_ids.astype(np.int64), r.offsets.astype(np.int64))
+                out.append(TeacherOutput(tokens, r.topk_ids.astype(np.int64), r.topk_logprobs.astype(np.float32),
+                                         r.next_logprobs.astype(np.float32)))
+        return out
+
+    def _check_same_teacher(self) -> None:
+        info = self.client.info()
+        if info.tokenizer_fingerprint != self.info.tokenizer_fingerprint or info.vocab_size != self.info.vocab_size:
+            raise SourceChanged(
+                f"source {self.name!r} came back with tokenizer {info.tokenizer_fingerprint} "
+                f"(vocab {info.vocab_size}); it was {self.info.tokenizer_fingerprint} (vocab {self.info.vocab_size}). "
+                "Restart the run with the right teacher, or change the source's name to start a new mapping")
+
+    def fetch(self, texts: Sequence[str]) -> list[TeacherOutput] | None:
+        """Teacher outputs for ``texts``; None when the source is down and its policy is ``skip``."""
+        backoff = 0.5
+        while True:
+            try:
+                result = self._score(texts)
+                if self._broken_since is not None:
+                    self._check_same_teacher()
+                    log.warning("source back", extra={"fields": {"source": self.name}})
+                    self._broken_since = None
+                return result
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT:
+                    raise SourceFailed(f"source {self.name!r} refused a request: {err.code().name}: "
+                                       f"{err.details()}") from None
+                backoff = self._on_failure(err, backoff)
+                if backoff < 0:
+                    return None
+
+    def _on_failure(self, err: grpc.RpcError, backoff: float) -> float:
+        """Applies the policy; returns the next backoff, or -1 to skip."""
+        now = time.monotonic()
+        if self._broken_since is None:
+            self._broken_since = now
+            log.warning("source failing", extra={"fields": {"source": self.name, "code": err.code().name,
+                                                            "policy": self.config.failure}})
+        what = f"source {self.name!r} failed: {err.code().name}: {err.details()}"
+        if self.config.failure == "fail":
+            raise SourceFailed(what)
+        if self.config.failure == "skip":
+            self.skipped += 1
+            return -1
+        if now - self._broken_since > self.config.wait_max_s:
+            raise SourceFailed(f"{what}; it did not come back within wait_max_s={self.config.wait_max_s}")
+        time.sleep(backoff)
+        return min(backoff * 2, 10.0)
