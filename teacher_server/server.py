@@ -54,6 +54,17 @@ def build_info(config: TeacherConfig, backend: Backend, tokenizer: TeacherTokeni
     )
 
 
+def warmup_batches(config: TeacherConfig, info: pb.TeacherInfo) -> list[list[np.ndarray]]:
+    """A short text; under --compile also two full-budget batches of different lengths, so the compiled
+    graph (dynamic in length after the second shape) exists before the server reports SERVING."""
+    batches = [[np.arange(1, 17) % info.vocab_size]]
+    if config.compile:
+        for length in (min(info.max_tokens_per_text, 512), min(info.max_tokens_per_text, 512) // 2):
+            count = max(1, min(config.max_batch_texts, config.max_batch_tokens // max(length, 1)))
+            batches.append([np.arange(length) % info.vocab_size] * count)
+    return batches
+
+
 class TeacherServer:
     def __init__(self, config: TeacherConfig, backend: Backend | None = None,
                  tokenizer: TeacherTokenizer | None = None) -> None:
@@ -101,7 +112,8 @@ class TeacherServer:
         self.batcher.start()
         if self.config.warmup:
             t0 = time.perf_counter()
-            await self.batcher.submit([np.arange(1, 17) % backend.vocab_size], info.max_top_k)
+            for batch in warmup_batches(self.config, info):
+                await self.batcher.submit(batch, info.max_top_k)
             log.info("warmed up", extra={"fields": {"seconds": round(time.perf_counter() - t0, 3)}})
         self.servicer.attach(info, tokenizer, self.batcher)
         for name in ("", SERVICE_NAME):

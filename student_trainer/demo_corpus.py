@@ -1,0 +1,73 @@
+"""Two domains every Python install carries: the standard library's code, and the English prose of its
+docstrings and comments. Files are split (seeded) into train and held-out; each domain is written as
+JSONL ({"text": ...} per file) so the trainer reads it like any user corpus."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import sysconfig
+import tokenize
+from pathlib import Path
+
+import numpy as np
+
+SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data",
+             "encodings"}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not SKIP_DIRS & set(p.relative_to(root).parts) and 2_000 < p.stat().st_size < 200_000)
+
+
+def split_domains(source: str) -> tuple[str, str]:
+    """(code without docstrings and comments, the docstrings and comments as prose)."""
+    tree = ast.parse(source)
+    prose, drop = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc and node.body and isinstance(node.body[0], ast.Expr):
+                prose.append(doc)
+                drop.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and len(tok.string) > 3:
+            prose.append(tok.string.lstrip("#").strip())
+            if source.splitlines()[tok.start[0] - 1].strip().startswith("#"):
+                drop.add(tok.start[0])
+    code = "\n".join(line for i, line in enumerate(source.splitlines(), 1) if i not in drop and line.strip())
+    return code, "\n".join(prose)
+
+
+def write_corpus(out_dir: Path, held_out: float = 0.1, seed: int = 0, max_files: int = 400) -> dict[str, Path]:
+    """Writes {code,prose}_{train,heldout}.jsonl into ``out_dir`` (once); returns name -> path."""
+    names = [f"{d}_{s}" for d in ("code", "prose") for s in ("train", "heldout")]
+    paths = {n: out_dir / f"{n}.jsonl" for n in names}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    files = stdlib_files()
+    order = np.random.default_rng(seed).permutation(len(files))[:max_files]
+    n_held = max(2, int(len(order) * held_out))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[str]] = {n: [] for n in names}
+    for rank, i in enumerate(order):
+        try:
+            code, prose = split_domains(files[i].read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, tokenize.TokenError):
+            continue
+        split = "heldout" if rank < n_held else "train"
+        for domain, text in (("code", code), ("prose", prose)):
+            if len(text) > 200:
+                rows[f"{domain}_{split}"].append(text)
+    for name, texts in rows.items():
+        tmp = paths[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.rename(paths[name])
+    return paths
+
+
+def read_jsonl(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
