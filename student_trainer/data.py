@@ -74,6 +74,8 @@ def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[s
 def make_blocks(docs: Sequence[str], tokenizer, seq_len: int, min_tokens: int) -> list[Block]:
     """Cuts each tokenized document into blocks of at most ``seq_len`` tokens with their text slices."""
     blocks: list[Block] = []
+    if not docs:  # e.g. no held-out documents (validation_fraction=0); tokenizers fail on an empty list
+        return blocks
     enc = tokenizer(list(docs), add_special_tokens=False, return_offsets_mapping=True,
                     return_attention_mask=False)
     for text, ids, offs in zip(docs, enc["input_ids"], enc["offset_mapping"], strict=True):

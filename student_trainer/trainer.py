@@ -57,7 +57,7 @@ def train_step(run: Run, prefetcher: Prefetcher) -> dict[str, float]:
         loss, clm, fuse = micro_loss(run, p, num_tokens)
         run.engine.backward(loss)
         run.engine.step()
-        totals += torch.tensor([float(loss), clm, fuse], device=run.engine.device)
+        totals += torch.tensor([float(loss.detach()), clm, fuse], device=run.engine.device)
     if world > 1:
         dist.all_reduce(totals)
     loss, clm, fuse = (totals / (gas * world)).tolist()  # = sums over the step / global token count
@@ -84,11 +84,11 @@ def train(config: TrainerConfig) -> dict[str, float]:
     try:
         while step < run.max_steps:
             t0 = time.perf_counter()
-            wait0 = prefetcher.wait_seconds
+            wait0, lr = prefetcher.wait_seconds, run.engine.get_lr()[0]  # the lr this step uses
             metrics = train_step(run, prefetcher)
             step, micro_index = step + 1, micro_index + gas
             metrics.update(step_seconds=time.perf_counter() - t0, teacher_wait_seconds=prefetcher.wait_seconds - wait0,
-                           lr=run.engine.get_lr()[0])
+                           lr=lr)
             run.logger.step(step, metrics)
             if config.run.checkpoint_every and step % config.run.checkpoint_every == 0:
                 checkpoint.save(run.engine, ckpt_dir, step, micro_index)
