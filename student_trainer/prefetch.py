@@ -37,8 +37,11 @@ class Prepared:
 
 
 def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sources: Sequence[Source],
-                  method: MethodConfig) -> tuple[SparseTargets, np.ndarray, int]:
-    """Aligns each present source to the target tokens and fuses: (targets, weights (N,), winner or -1)."""
+                  method: MethodConfig) -> tuple[SparseTargets, np.ndarray, int, list[float]]:
+    """Aligns each present source to the target tokens and fuses.
+
+    Returns (targets, weights (N,), winner or -1 when no source answered, each source's CE (NaN: absent)).
+    """
     align, ce_fn = ALIGNERS[method.aligner], SEQUENCE_CE[method.ce_normalization]
     targets: list[SparseTargets | None] = []
     ces: list[float] = []
@@ -50,9 +53,9 @@ def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sourc
         targets.append(align(tokens, out, source.pair))
         ces.append(ce_fn(out.next_logprobs, out.tokens.offsets))
     if all(t is None for t in targets):
-        return one_hot_next(tokens.ids, 1), np.zeros(len(sources)), -1
+        return one_hot_next(tokens.ids, 1), np.zeros(len(sources)), -1, ces
     fused = FUSIONS[method.fusion](targets, ces, weighting=method.avg_weighting, temperature=method.avg_tau)
-    return fused.targets, fused.weights, fused.winner
+    return fused.targets, fused.weights, fused.winner, ces
 
 
 def prepare(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool: ThreadPoolExecutor) -> Prepared:
@@ -62,26 +65,36 @@ def prepare(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool:
         return Prepared(batch, mask, None, None, {"teacher_seconds": 0.0})
     texts = [b.text for b in batch.blocks]
     t0 = time.perf_counter()
-    outputs = [f.result() for f in [pool.submit(s.fetch, texts) for s in sources]]
-    fetched = time.perf_counter() - t0
-    stats: dict[str, float] = {"teacher_seconds": fetched, "no_teacher_sequences": 0.0}
+    timed = [f.result() for f in [pool.submit(_timed_fetch, s, texts) for s in sources]]
+    outputs = [out for out, _ in timed]
+    stats: dict[str, float] = {"teacher_seconds": time.perf_counter() - t0, "no_teacher_sequences": 0.0}
+    for source, (_, seconds) in zip(sources, timed, strict=True):
+        stats[f"latency/{source.name}"] = seconds
     seq_targets = []
     aligned = total = 0
     for i, block in enumerate(batch.blocks):
         per_seq = [None if o is None else o[i] for o in outputs]
-        targets, weights, winner = fuse_sequence(Tokens(block.ids, block.offsets), per_seq, sources, method)
+        targets, weights, winner, ces = fuse_sequence(Tokens(block.ids, block.offsets), per_seq, sources, method)
         seq_targets.append(_pad_rows(targets, batch.input_ids.shape[1]))
         stats["no_teacher_sequences"] += winner < 0
         for s, source in enumerate(sources):
             stats[f"selected/{source.name}"] = stats.get(f"selected/{source.name}", 0.0) + (winner == s)
             stats[f"weight/{source.name}"] = stats.get(f"weight/{source.name}", 0.0) + float(weights[s])
             stats[f"skipped/{source.name}"] = stats.get(f"skipped/{source.name}", 0.0) + (per_seq[s] is None)
+            if np.isfinite(ces[s]):  # summed here; the trainer divides by the sequences that had a CE
+                stats[f"ce/{source.name}"] = stats.get(f"ce/{source.name}", 0.0) + ces[s]
+                stats[f"ce_count/{source.name}"] = stats.get(f"ce_count/{source.name}", 0.0) + 1
         aligned += int(targets.aligned[: len(block.ids) - 1].sum())
         total += max(len(block.ids) - 1, 0)
     ids, logprobs, _ = stack_targets(seq_targets)
     stats["aligned_share"] = aligned / max(total, 1)
     stats["prepare_seconds"] = time.perf_counter() - t0
     return Prepared(batch, mask, ids, logprobs, stats)
+
+
+def _timed_fetch(source: Source, texts: list[str]) -> tuple[list[TeacherOutput] | None, float]:
+    t0 = time.perf_counter()
+    return source.fetch(texts), time.perf_counter() - t0
 
 
 def _pad_rows(targets: SparseTargets, length: int) -> SparseTargets:

@@ -63,9 +63,14 @@ def train_step(run: Run, prefetcher: Prefetcher) -> dict[str, float]:
     loss, clm, fuse = (totals / (gas * world)).tolist()  # = sums over the step / global token count
     stats = {k: sum(p.stats.get(k, 0.0) for p in window) for k in window[0].stats}
     sequences = sum(len(p.batch.blocks) for p in window)
-    for key in stats:  # per-sequence counts -> rates (selection rate, mean AvgCE weight, skip rate)
-        if key.split("/")[0] in ("selected", "weight", "skipped"):
+    for key in list(stats):  # per-sequence sums -> rates and means
+        kind, _, name = key.partition("/")
+        if kind in ("selected", "weight", "skipped"):
             stats[key] /= sequences
+        elif kind == "ce":
+            stats[key] /= max(stats.pop(f"ce_count/{name}"), 1.0)
+        elif kind == "latency":
+            stats[key] /= gas
     stats["aligned_share"] = stats.get("aligned_share", 0.0) / gas
     return {"loss": loss, "clm_loss": clm, "fusion_loss": fuse, "tokens": float(count), **stats}
 
