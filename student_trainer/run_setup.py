@@ -60,7 +60,7 @@ def init_distributed() -> tuple[int, int]:
     """Joins the process group the launcher set up, or makes a one-process group; returns (rank, world)."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # plain `livefuse-train`: a group of one
+    if "RANK" not in os.environ:  # plain `livefuse-train`: a group of one (DeepSpeed reads these later too)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -158,8 +158,15 @@ def build_run(config: TrainerConfig) -> Run:
     target = TeacherTokenizer(tokenizer)
     target_vocab = target.vocab(model.get_output_embeddings().weight.shape[0])
     vocab_cache = Path(config.run.vocab_cache_dir) if config.run.vocab_cache_dir else cache_dir() / "vocab-maps"
-    sources = [Source(s, target_vocab, target.fingerprint, vocab_cache, config.run.connect_timeout_s)
-               for s in config.sources]
+    sources: list[Source] = []
+    try:
+        for s in config.sources:
+            sources.append(Source(s, target_vocab, target.fingerprint, vocab_cache, config.run.connect_timeout_s))
+    except BaseException:
+        for source in sources:
+            source.close()
+        logger.close()
+        raise
     user_ds = config.train.deepspeed
     micro = int(_merge(DEEPSPEED_DEFAULTS, user_ds)["train_micro_batch_size_per_gpu"])
     gas = int(_merge(DEEPSPEED_DEFAULTS, user_ds)["gradient_accumulation_steps"])

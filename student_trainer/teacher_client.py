@@ -20,14 +20,17 @@ from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.scores import TeacherScores, decode_scores
 
-_RETRY_SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "livefuse.v1.Teacher"}],
-        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-}
+
+def service_config(max_attempts: int) -> dict:
+    """Round-robin over the endpoints; gRPC retries UNAVAILABLE itself (attempts include the first)."""
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{"service": "livefuse.v1.Teacher"}],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }],
+    }
 
 
 def channel_target(endpoints: str | Sequence[str]) -> str:
@@ -40,11 +43,11 @@ def channel_target(endpoints: str | Sequence[str]) -> str:
 
 
 class TeacherClient:
-    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 60.0,
+    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 60.0, max_attempts: int = 5,
                  max_message_bytes: int = 256 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.service_config", json.dumps(_RETRY_SERVICE_CONFIG)),
+                   ("grpc.service_config", json.dumps(service_config(max_attempts))),
                    ("grpc.enable_retries", 1)]
         self.target = channel_target(endpoints)
         self.channel = channel or grpc.insecure_channel(self.target, options=options)

@@ -19,6 +19,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+_DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
 
 def _die_with_parent() -> None:
     """In the child: ask Linux to SIGKILL us when the parent dies (no orphans after a crash)."""
@@ -63,7 +65,8 @@ class TeacherProcess:
             sink.close()
 
     def start(self) -> TeacherProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # a teacher is not part of the trainer's process group: drop the launcher's rendezvous variables
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS} | {"PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()

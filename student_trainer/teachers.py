@@ -33,7 +33,9 @@ class Source:
     def __init__(self, config: SourceConfig, target_vocab: Sequence[str], target_fingerprint: str,
                  cache_dir: Path, connect_timeout: float = 60.0) -> None:
         self.config, self.name = config, config.name
-        self.client = TeacherClient(config.endpoints, timeout=config.timeout_s)
+        # under "skip" a dead source should cost little per batch: one gRPC-level retry, then skip
+        attempts = 2 if config.failure == "skip" else 5
+        self.client = TeacherClient(config.endpoints, timeout=config.timeout_s, max_attempts=attempts)
         try:
             self.info = self.client.info(timeout=connect_timeout)
             vocab = self.client.vocab(timeout=max(connect_timeout, config.timeout_s))
