@@ -24,6 +24,12 @@ def _one_of(value: str, registry: object, field: str) -> str:
     return value
 
 
+def _existing_file(path: str | None, field: str) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{field}: file {path!r} does not exist")
+    return path
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,6 +40,21 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loading")
 
 
+class SourceTLS(_Strict):
+    ca_cert: str | None = Field(None, description="PEM CA bundle that signed the teacher's certificate (None: system roots)")
+    client_cert: str | None = Field(None, description="PEM client certificate for mutual TLS")
+    client_key: str | None = Field(None, description="PEM private key of client_cert")
+    server_name: str | None = Field(None, description="name to check in the teacher's certificate (default: endpoint host)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> SourceTLS:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("tls.client_cert and tls.client_key go together")
+        for name in ("ca_cert", "client_cert", "client_key"):
+            _existing_file(getattr(self, name), f"tls.{name}")
+        return self
+
+
 class SourceConfig(_Strict):
     name: str = Field(description="name used in logs and metrics")
     endpoints: list[str] = Field(min_length=1, description="host:port of each replica of this source")
@@ -42,11 +63,18 @@ class SourceConfig(_Strict):
     failure: str = Field("wait", description="what to do when the source fails: wait | skip | fail")
     wait_max_s: float = Field(600.0, gt=0, description="policy 'wait': give up after this many seconds")
     texts_per_request: int = Field(16, ge=1, description="texts sent per Score request")
+    tls: SourceTLS | None = Field(None, description="TLS settings (absent: plaintext)")
+    auth_token_file: str | None = Field(None, description="file holding the teacher's bearer token")
 
     @field_validator("failure")
     @classmethod
     def _policy(cls, v: str) -> str:
         return _one_of(v, FAILURE_POLICIES, "failure policy")
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _token_file(cls, v: str | None) -> str | None:
+        return _existing_file(v, "auth_token_file")
 
     @field_validator("endpoints")
     @classmethod

@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -22,15 +24,15 @@ from protos.scores import TeacherScores, decode_scores
 
 
 def service_config(max_attempts: int) -> dict:
-    """Round-robin over the endpoints; gRPC retries UNAVAILABLE itself (attempts include the first)."""
-    return {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{
+    """Round-robin over the endpoints; gRPC retries UNAVAILABLE itself (attempts include the first; 1: none)."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts >= 2:
+        config["methodConfig"] = [{
             "name": [{"service": "livefuse.v1.Teacher"}],
             "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-        }],
-    }
+        }]
+    return config
 
 
 def channel_target(endpoints: str | Sequence[str]) -> str:
@@ -42,15 +44,40 @@ def channel_target(endpoints: str | Sequence[str]) -> str:
     return "ipv4:" + ",".join(endpoints)
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS towards a teacher: CA to trust (None: system roots), optional client certificate (mutual TLS),
+    optional name to check in the server certificate instead of the endpoint's host."""
+
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca_cert), private_key=read(self.client_key),
+                                            certificate_chain=read(self.client_cert))
+
+
 class TeacherClient:
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 60.0, max_attempts: int = 5,
+                 tls: ClientTLS | None = None, token: str | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.service_config", json.dumps(service_config(max_attempts))),
                    ("grpc.enable_retries", 1)]
+        if tls is not None and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
         self.target = channel_target(endpoints)
-        self.channel = channel or grpc.insecure_channel(self.target, options=options)
+        if channel is None:
+            channel = (grpc.secure_channel(self.target, tls.credentials(), options=options) if tls is not None
+                       else grpc.insecure_channel(self.target, options=options))
+        self.channel = channel
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.TeacherStub(self.channel)
         self.timeout = timeout
         self._ids = itertools.count()
@@ -69,11 +96,14 @@ class TeacherClient:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def info(self, timeout: float | None = None) -> pb.TeacherInfo:
-        return self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout, wait_for_ready=True)
+        return self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout, wait_for_ready=True,
+                                 metadata=self.metadata)
 
     def vocab(self, timeout: float | None = None) -> list[str]:
         tokens: list[str] = []
-        for chunk in self.stub.GetVocab(pb.GetVocabRequest(), timeout=timeout or self.timeout, wait_for_ready=True):
+        chunks = self.stub.GetVocab(pb.GetVocabRequest(), timeout=timeout or self.timeout, wait_for_ready=True,
+                                    metadata=self.metadata)
+        for chunk in chunks:
             if chunk.start_id != len(tokens):
                 raise RuntimeError(f"GetVocab chunk starts at id {chunk.start_id}, expected {len(tokens)}")
             tokens.extend(chunk.tokens)
@@ -87,13 +117,13 @@ class TeacherClient:
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
               logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None) -> list[TeacherScores]:
         response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
-                                   timeout=timeout or self.timeout)
+                                   timeout=timeout or self.timeout, metadata=self.metadata)
         return [decode_scores(r) for r in response.results]
 
     def score_stream(self, requests: Iterable[pb.ScoreRequest], timeout: float | None = None
                      ) -> Iterator[pb.ScoreResponse]:
         """Sends every request on one ScoreStream (all in flight at once); yields responses as they finish."""
-        return self.stub.ScoreStream(iter(requests), timeout=timeout or self.timeout)
+        return self.stub.ScoreStream(iter(requests), timeout=timeout or self.timeout, metadata=self.metadata)
 
     def score_many(self, batches: Sequence[Sequence[str]], top_k: int = 10, truncate: bool = False,
                    timeout: float | None = None) -> list[list[TeacherScores]]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from student_trainer.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
 from student_trainer.config import SourceConfig
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.teacher_client import ClientTLS, TeacherClient
 from student_trainer.vocab_cache import cached_vocab_map
 
 log = logging.getLogger("livefuse.trainer.teachers")
@@ -35,7 +35,10 @@ class Source:
         self.config, self.name = config, config.name
         # under "skip" a dead source should cost little per batch: one gRPC-level retry, then skip
         attempts = 2 if config.failure == "skip" else 5
-        self.client = TeacherClient(config.endpoints, timeout=config.timeout_s, max_attempts=attempts)
+        tls = ClientTLS(**config.tls.model_dump()) if config.tls is not None else None
+        token = Path(config.auth_token_file).read_text().strip() if config.auth_token_file else None
+        self.client = TeacherClient(config.endpoints, timeout=config.timeout_s, max_attempts=attempts, tls=tls,
+                                    token=token)
         try:
             self.info = self.client.info(timeout=connect_timeout)
             vocab = self.client.vocab(timeout=max(connect_timeout, config.timeout_s))

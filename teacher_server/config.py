@@ -43,6 +43,10 @@ class TeacherConfig(BaseModel):
     pad_to_multiple_of: int = Field(1, ge=1, description="pad batch length to a multiple of this (fewer shapes under --compile)")
     tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize requests")
     warmup: bool = Field(True, description="run a forward pass before reporting SERVING")
+    tls_cert: str | None = Field(None, description="PEM server certificate chain; enables TLS (with tls_key)")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: str | None = Field(None, description="PEM CA bundle; when set, clients must present a certificate it signed")
+    auth_token_file: str | None = Field(None, description="file holding a bearer token every RPC must carry")
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
@@ -77,6 +81,10 @@ class TeacherConfig(BaseModel):
             ("max_tokens_per_text", self.max_tokens_per_text, "max_batch_tokens", self.max_batch_tokens),
             ("max_tokens_per_request", self.max_tokens_per_request, "max_queue_tokens", self.max_queue_tokens),
         ]
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
         for small_name, small, big_name, big in checks:
             if small > big:
                 raise ValueError(f"{small_name}={small} must be <= {big_name}={big}")

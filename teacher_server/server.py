@@ -23,6 +23,7 @@ from teacher_server.backend import BACKENDS, Backend
 from teacher_server.batcher import TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.security import BearerTokenInterceptor, load_token, server_credentials
 from teacher_server.servicer import TeacherServicer
 from teacher_server.tokenizer import TeacherTokenizer
 
@@ -79,7 +80,10 @@ class TeacherServer:
         self.metrics_port: int | None = None
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
-        self.server = grpc.aio.server(options=limits)
+        token = load_token(config)
+        self._credentials = server_credentials(config)
+        self.server = grpc.aio.server(options=limits,
+                                      interceptors=[BearerTokenInterceptor(token)] if token else None)
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the gRPC port."""
@@ -90,7 +94,9 @@ class TeacherServer:
             self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await self.server.start()
