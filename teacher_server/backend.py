@@ -184,4 +184,11 @@ def load_hf(config: TeacherConfig) -> tuple[HFBackend, TeacherTokenizer]:
     return backend, teacher_tok
 
 
-BACKENDS = {"hf": load_hf}
+def _load_vllm(config: TeacherConfig):
+    """The vLLM backend (optional, CUDA only), imported on use: the HF path never needs vllm."""
+    from teacher_server.vllm_backend import load_vllm
+
+    return load_vllm(config)
+
+
+BACKENDS = {"hf": load_hf, "vllm": _load_vllm}

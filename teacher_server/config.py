@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BACKEND_NAMES = ("hf",)  # a vLLM backend is planned (issue 6)
+BACKEND_NAMES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -20,7 +20,7 @@ class TeacherConfig(BaseModel):
     model: str = Field(description="model folder or hub id (any AutoModelForCausalLM)")
     tokenizer: str | None = Field(None, description="tokenizer folder or hub id (default: the model's)")
     gguf_file: str | None = Field(None, description="GGUF file name inside the model folder, if the model is GGUF")
-    backend: str = Field("hf", description=f"inference backend: {' | '.join(BACKEND_NAMES)}")
+    backend: str = Field("hf", description="inference backend: hf (transformers; CPU or GPU) | vllm (CUDA only; see docs/VLLM.md)")
     device: str = Field("auto", description="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     dtype: str = Field("auto", description="compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
     attn_implementation: str = Field("auto", description="attention kernel: auto (SDPA where the architecture has it, else eager) | sdpa | eager | flash_attention_2")
