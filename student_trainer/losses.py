@@ -40,23 +40,36 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseCrossEntropy(torch.autograd.Function):
-    """Σ_positions w · (−Σ_k P_k · log softmax(z)[ids_k]), chunked over T in forward and backward."""
+    """Σ_positions w · (−Σ_k c_k·P_k · log softmax(z)[ids_k]), chunked over T in forward and backward.
+
+    Entries ``[:split]`` are scaled by c = ``lam``, the rest by c = 1 − ``lam`` (split = 0: one plain
+    soft CE). Returns the scaled total (differentiable) and the two unscaled parts (for logging), so
+    λ·CLM + (1−λ)·fusion is one pass over the logits with one (B, T, V) gradient.
+    """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
-                weight: torch.Tensor, chunk: int) -> torch.Tensor:
-        total = _upcast(logits.new_zeros(()))
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor,
+                chunk: int, split: int = 0, lam: float = 0.0):
+        parts = _upcast(logits.new_zeros(2))
         for s in range(0, logits.shape[1], chunk):
             z = _upcast(logits[:, s:s + chunk])
             logq = z.gather(-1, ids[:, s:s + chunk]) - torch.logsumexp(z, dim=-1, keepdim=True)
-            total += -((probs[:, s:s + chunk] * logq).sum(-1) * weight[:, s:s + chunk]).sum()
+            nll = -(probs[:, s:s + chunk] * logq) * weight[:, s:s + chunk].unsqueeze(-1)
+            parts[0] += nll[..., :split].sum()
+            parts[1] += nll[..., split:].sum()
         ctx.save_for_backward(logits, ids, probs, weight)
-        ctx.chunk = chunk
-        return total
+        ctx.chunk, ctx.split, ctx.lam = chunk, split, lam
+        total = lam * parts[0] + (1.0 - lam) * parts[1] if split else parts[1].clone()
+        ctx.mark_non_differentiable(parts)
+        return total, parts
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad: torch.Tensor, _grad_parts: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         logits, ids, probs, weight = ctx.saved_tensors
+        if ctx.split:
+            scale = torch.full((probs.shape[-1],), 1.0 - ctx.lam, dtype=probs.dtype, device=probs.device)
+            scale[:ctx.split] = ctx.lam
+            probs = probs * scale
         out = torch.empty_like(logits)
         for s in range(0, logits.shape[1], ctx.chunk):
             sl = slice(s, s + ctx.chunk)
@@ -64,7 +77,7 @@ class _SparseCrossEntropy(torch.autograd.Function):
             g = torch.softmax(_upcast(logits[:, sl]), dim=-1) * p.sum(-1, keepdim=True)
             g.scatter_add_(-1, ids[:, sl], -p.to(g.dtype))
             out[:, sl] = (g * w.unsqueeze(-1)).to(logits.dtype)
-        return out, None, None, None, None
+        return out, None, None, None, None, None, None
 
 
 def _weights(mask: torch.Tensor, probs: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
@@ -84,7 +97,7 @@ def sparse_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, target_
     """
     probs = teacher_probs(target_logprobs, temperature)
     weight = _weights(mask, probs, num_tokens)
-    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0]
 
 
 def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
@@ -95,7 +108,7 @@ def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: t
     weight = _weights(mask, probs, num_tokens)
     plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
     entropy = -(plogp.sum(-1) * weight).sum()
-    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size) - entropy
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0] - entropy
 
 
 def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, *,
@@ -110,6 +123,39 @@ def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, 
     lp[:, :-1] = 0.0
     return sparse_cross_entropy(logits, ids.unsqueeze(-1), lp.unsqueeze(-1), mask,
                                 chunk_size=chunk_size, num_tokens=num_tokens)
+
+
+def clm_and_fusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                        target_logprobs: torch.Tensor, mask: torch.Tensor, *, lam: float = 0.9,
+                        temperature: float = 1.0, kind: str = "ce", chunk_size: int = DEFAULT_CHUNK,
+                        num_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ·CLM + (1−λ)·fusion in one pass: the gold next token is entry 0 of a (K+1)-wide sparse target.
+
+    Equal to ``combined_loss(clm_loss(...), sparse_cross_entropy(...) or sparse_kl(...), lam)`` when both
+    parts are normalised by the same ``num_tokens`` (the trainer's case), with one (B, T, V) gradient
+    instead of two. Returns (total, clm, fusion); the last two are detached, for logging.
+    ``logits (B, T, V)``, ``input_ids (B, T)``, ``target_ids``/``target_logprobs (B, T, K)``, ``mask (B, T)``.
+    """
+    if kind not in FUSION_LOSSES:
+        raise ValueError(f"unknown fusion loss {kind!r}; valid: {sorted(FUSION_LOSSES)}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    gold = torch.zeros_like(input_ids, dtype=torch.long)
+    gold[:, :-1] = input_ids[:, 1:]
+    teacher = teacher_probs(target_logprobs, temperature)
+    gold_p = torch.zeros(gold.shape + (1,), dtype=teacher.dtype, device=teacher.device)
+    gold_p[:, :-1] = 1.0
+    counted = mask.bool()
+    weight = counted.float() / max(float(counted.sum()) if num_tokens is None else float(num_tokens), 1.0)
+    ids = torch.cat([gold.unsqueeze(-1), target_ids.long()], dim=-1)
+    probs = torch.cat([gold_p, teacher], dim=-1)
+    total, parts = _SparseCrossEntropy.apply(logits, ids, probs, weight, chunk_size, 1, lam)
+    fusion = parts[1]
+    if kind == "kl":  # KL = CE − H(P); H(P) has no gradient
+        plogp = torch.where(teacher > 0, teacher * torch.log(teacher.clamp_min(1e-30)), torch.zeros_like(teacher))
+        entropy = -(plogp.sum(-1) * weight).sum()
+        total, fusion = total - (1.0 - lam) * entropy, fusion - entropy
+    return total, parts[0], fusion
 
 
 def combined_loss(clm: torch.Tensor, fusion: torch.Tensor, lam: float = 0.9) -> torch.Tensor:

@@ -137,8 +137,9 @@ class Prefetcher:
         self._fill()
         return prepared
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Cancels queued work; with ``wait``, also waits for jobs already talking to the teachers."""
         for f in self._queue:
             f.cancel()
-        self._workers.shutdown(wait=False, cancel_futures=True)
-        self._fetchers.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown(wait=wait, cancel_futures=True)
+        self._fetchers.shutdown(wait=wait, cancel_futures=True)

@@ -25,7 +25,8 @@ DEEPSPEED_DEFAULTS: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 1,
     "gradient_clipping": 1.0,
-    "zero_optimization": {"stage": 2},
+    # 5e7-element buckets (200 MB fp32): DeepSpeed's 5e8 default holds 1.9 GB even for a tiny model
+    "zero_optimization": {"stage": 2, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
     "bf16": {"enabled": False},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
     "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto",
@@ -117,8 +118,8 @@ class Run:
             dist.barrier()
         self.logger.info(f"exported the trained model to {folder}")
 
-    def close(self, prefetcher) -> None:
-        prefetcher.close()
+    def close(self, prefetcher, wait: bool = True) -> None:
+        prefetcher.close(wait)
         for source in self.sources:
             source.close()
         self.logger.close()

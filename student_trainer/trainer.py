@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from student_trainer import checkpoint
 from student_trainer.config import TrainerConfig
-from student_trainer.losses import FUSION_LOSSES, clm_loss, combined_loss
+from student_trainer.losses import clm_and_fusion_loss, clm_loss
 from student_trainer.prefetch import Prefetcher, Prepared
 from student_trainer.run_setup import Run, build_run
 from student_trainer.teachers import SourceChanged, SourceFailed
@@ -36,12 +36,13 @@ def micro_loss(run: Run, p: Prepared, num_tokens: float) -> tuple[torch.Tensor, 
     ids = _tensor(p.batch.input_ids, device)
     logits = run.engine(input_ids=ids, attention_mask=_tensor(p.batch.attention_mask, device)).logits
     mask = _tensor(p.loss_mask, device)
-    clm = clm_loss(logits, ids, mask, num_tokens=num_tokens)
-    fuse = torch.zeros((), device=device)
-    if method.lambda_clm < 1.0 and p.fuse_ids is not None:
-        fuse = FUSION_LOSSES[method.fusion_loss](logits, _tensor(p.fuse_ids, device), _tensor(p.fuse_logprobs, device),
-                                                 mask, temperature=method.temperature, num_tokens=num_tokens)
-    return combined_loss(clm, fuse, method.lambda_clm), float(clm.detach()), float(fuse.detach())
+    if method.lambda_clm >= 1.0 or p.fuse_ids is None:
+        clm = clm_loss(logits, ids, mask, num_tokens=num_tokens)
+        return clm, float(clm.detach()), 0.0
+    loss, clm, fuse = clm_and_fusion_loss(logits, ids, _tensor(p.fuse_ids, device), _tensor(p.fuse_logprobs, device),
+                                          mask, lam=method.lambda_clm, temperature=method.temperature,
+                                          kind=method.fusion_loss, num_tokens=num_tokens)
+    return loss, float(clm), float(fuse)
 
 
 def train_step(run: Run, prefetcher: Prefetcher) -> dict[str, float]:
@@ -102,7 +103,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
     except (SourceFailed, SourceChanged) as err:
         checkpoint.save(run.engine, ckpt_dir, step, micro_index)
         run.logger.info(f"stopped at step {step}: {err}; checkpoint saved, rerun the same command to resume")
-        run.close(prefetcher)
+        run.close(prefetcher, wait=False)
         raise
     checkpoint.save(run.engine, ckpt_dir, step, micro_index)
     final = run.evaluate()

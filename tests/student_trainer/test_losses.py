@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from student_trainer.losses import (
     FUSION_LOSSES,
+    clm_and_fusion_loss,
     clm_loss,
     combined_loss,
     sparse_cross_entropy,
@@ -167,3 +168,38 @@ def test_combined_loss_is_the_papers_objective():
     assert math.isclose(combined_loss(clm, fuse, 0.9).item(), 0.9 * 2.0 + 0.1 * 5.0, rel_tol=1e-6)
     with pytest.raises(ValueError, match="lambda"):
         combined_loss(clm, fuse, 1.5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(sorted(FUSION_LOSSES)), st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+       st.floats(0.5, 2.0), st.integers(1, 8))
+def test_one_pass_objective_equals_the_two_losses(seed, kind, lam, temperature, chunk):
+    """λ·CLM + (1−λ)·fusion computed in one pass equals the separate losses, in value and gradient."""
+    logits, ids, lp, mask = make_batch(seed)
+    tokens = torch.randint(0, logits.shape[-1], logits.shape[:2], generator=torch.Generator().manual_seed(seed))
+    mask[:, -1] = False
+    n = float(mask.sum())
+    total, clm, fuse = clm_and_fusion_loss(logits, tokens, ids, lp, mask, lam=lam, temperature=temperature,
+                                           kind=kind, chunk_size=chunk, num_tokens=n)
+    (grad,) = torch.autograd.grad(total, logits)
+    ref_clm = clm_loss(logits, tokens, mask, chunk_size=chunk, num_tokens=n)
+    ref_fuse = FUSION_LOSSES[kind](logits, ids, lp, mask, temperature=temperature, chunk_size=chunk, num_tokens=n)
+    ref = combined_loss(ref_clm, ref_fuse, lam)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(total, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(clm, ref_clm, rtol=1e-5, atol=1e-6) and torch.allclose(fuse, ref_fuse, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_objective_makes_one_logits_sized_gradient_not_two():
+    b, t, v = 2, 64, 50
+    logits, ids, lp, mask = make_batch(3, b=b, t=t, v=v)
+    tokens = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(1))
+    total, _, _ = clm_and_fusion_loss(logits, tokens, ids, lp, mask, lam=0.9, chunk_size=8)
+    with _BigTensors(b * t * v) as one_pass:
+        total.backward()
+    separate = combined_loss(clm_loss(logits, tokens, mask, chunk_size=8),
+                             sparse_cross_entropy(logits, ids, lp, mask, chunk_size=8), 0.9)
+    with _BigTensors(b * t * v) as two_losses:
+        separate.backward()
+    assert one_pass.count == 1 and two_losses.count >= 2
