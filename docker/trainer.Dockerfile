@@ -1,0 +1,45 @@
+# The livefuse trainer, launched by DeepSpeed across the GPUs of the container.
+#   docker build -f docker/trainer.Dockerfile -t livefuse-trainer .          # context: the repository root
+#   docker run --gpus all --shm-size 32g -v hf-cache:/cache/huggingface -v /data:/data:ro \
+#       livefuse-trainer --num_gpus 8 --module student_trainer --config /app/configs/paper_llama2.yaml
+# The entrypoint is the `deepspeed` launcher: launcher flags, then `--module student_trainer`, then the
+# livefuse-train arguments (--config FILE and key=value overrides).
+# A CUDA *devel* base: DeepSpeed JIT-compiles its fused optimizer kernels with nvcc on first use.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-devel-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/cache/huggingface \
+    LIVEFUSE_CACHE=/cache/livefuse
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+WORKDIR /app
+COPY requirements-ci.txt pyproject.toml README.md ./
+COPY protos ./protos
+COPY teacher_server ./teacher_server
+COPY student_trainer ./student_trainer
+RUN pip install -c requirements-ci.txt ".[train]"
+COPY configs ./configs
+
+# Non-root (same uid as the teacher image, so the shared HF cache volume works for both).
+RUN useradd --create-home --uid 10001 livefuse \
+    && mkdir -p /cache/huggingface /cache/livefuse /checkpoints \
+    && chown -R livefuse:livefuse /cache /checkpoints
+USER livefuse
+VOLUME ["/cache/huggingface", "/checkpoints"]
+
+ENTRYPOINT ["deepspeed"]
+CMD ["--module", "student_trainer", "--config", "/app/configs/paper_llama2.yaml"]
