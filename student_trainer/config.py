@@ -142,6 +142,7 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     output_dir: str = Field(description="checkpoints, metrics.jsonl, TensorBoard logs and the export go here")
     log_every: int = Field(1, ge=1, description="steps between metric lines")
+    summary_every: int = Field(50, ge=0, description="steps between text summaries in the log (0: never)")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
     eval_blocks: int = Field(64, ge=1, description="held-out blocks per evaluation")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")

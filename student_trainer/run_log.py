@@ -20,6 +20,7 @@ class RunLogger:
         self.active = rank == 0
         self._bar = self._tb = self._jsonl = None
         self._t0 = time.perf_counter()
+        self._window: list[dict[str, Any]] = []
         if self.active:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "config.json").write_text(json.dumps(config.model_dump(), indent=2))
@@ -72,6 +73,11 @@ class RunLogger:
         if step % self.config.run.log_every == 0 and self._bar is None:
             self.info(f"step {step} loss {metrics['loss']:.4f} clm {metrics['clm_loss']:.4f} "
                       f"fusion {metrics['fusion_loss']:.4f} tok/s {tokens_per_s:.0f}")
+        self._window.append(record)
+        every = self.config.run.summary_every
+        if every and step % every == 0:
+            self.info(summary(self._window))
+            self._window = []
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -87,3 +93,25 @@ class RunLogger:
             if handle is not None:
                 handle.close()
         self._bar = self._tb = self._jsonl = None
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in records if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """One text block over the steps since the last summary: the numbers a dashboard would show."""
+    steps = f"{records[0]['step']}-{records[-1]['step']}"
+    seconds = sum(r["step_seconds"] for r in records)
+    wait = sum(r["teacher_wait_seconds"] for r in records)
+    lines = [f"summary steps {steps}: loss {_mean(records, 'loss'):.4f} (clm {_mean(records, 'clm_loss'):.4f}, "
+             f"fusion {_mean(records, 'fusion_loss'):.4f}), {sum(r['tokens'] for r in records) / max(seconds, 1e-9):.0f} "
+             f"tokens/s, waited for teachers {100 * wait / max(seconds, 1e-9):.1f}% of the time, "
+             f"aligned positions {100 * _mean(records, 'aligned_share'):.1f}%"]
+    sources = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("selected/")})
+    for name in sources:
+        lines.append(f"  source {name}: latency {_mean(records, f'latency/{name}'):.3f}s/micro-batch, "
+                     f"CE {_mean(records, f'ce/{name}'):.3f}, selected {100 * _mean(records, f'selected/{name}'):.1f}%, "
+                     f"weight {_mean(records, f'weight/{name}'):.3f}, skipped {100 * _mean(records, f'skipped/{name}'):.1f}%")
+    return "\n".join(lines)
