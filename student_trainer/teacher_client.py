@@ -10,8 +10,10 @@ backoff; other codes surface as ``grpc.RpcError`` at once.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,34 @@ def service_config(max_attempts: int) -> dict:
     return config
 
 
+def _ipv4_addresses(endpoint: str) -> list[str]:
+    """``host:port`` -> ``["a.b.c.d:port", ...]`` (a literal IPv4 address as is, a name resolved now)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        return [endpoint]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, ValueError) as err:
+        raise ValueError(f"endpoint {endpoint!r}: cannot resolve {host!r}: {err}") from None
+    return sorted({f"{info[4][0]}:{port}" for info in infos})
+
+
 def channel_target(endpoints: str | Sequence[str]) -> str:
-    """One gRPC target for one or more ``host:port`` endpoints (several IPs -> the ``ipv4:`` list scheme)."""
+    """One gRPC target for one or more ``host:port`` endpoints.
+
+    One endpoint is passed as is (gRPC's DNS resolver finds every address of a name, e.g. compose
+    replicas). Several are resolved to IPv4 addresses for the ``ipv4:`` list scheme, so client-side
+    round-robin spreads requests over all of them.
+    """
     if isinstance(endpoints, str):
         return endpoints
     if len(endpoints) == 1:
         return endpoints[0]
-    return "ipv4:" + ",".join(endpoints)
+    addresses = [a for e in endpoints for a in _ipv4_addresses(e)]
+    return "ipv4:" + ",".join(dict.fromkeys(addresses))
 
 
 @dataclass(frozen=True)
