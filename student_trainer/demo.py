@@ -35,10 +35,10 @@ from student_trainer.teacher_process import TeacherProcess
 
 # name -> (recipe for the source model, domains it is pretrained on)
 SOURCES = {
-    "code": Recipe("llama", "llama-spm", ("code",), steps=240),
-    "prose": Recipe("gpt2", "gpt-2", ("prose",), steps=240),
+    "code": Recipe("llama", "llama-spm", ("code",), steps=150),
+    "prose": Recipe("gpt2", "gpt-2", ("prose",), steps=150),
 }
-TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=60, seed=1)
+TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=40, seed=1)
 MODES = {
     "clm_only": ["method.lambda_clm=1.0"],
     "min_ce": ["method.fusion=min_ce"],
@@ -60,12 +60,12 @@ def build_assets(corpus: dict[str, Path], scale: float) -> dict[str, Path]:
 
 
 def train_config(out: Path, corpus: dict[str, Path], target: Path, teachers: dict[str, str], steps: int,
-                 seq_len: int) -> Path:
+                 seq_len: int, lambda_clm: float) -> Path:
     """The trainer config shared by all three runs (YAML, so a user can rerun any of them)."""
     config = {
         "target": {"model": str(target)},
         "sources": [{"name": n, "endpoints": [a], "top_k": 10, "failure": "fail"} for n, a in teachers.items()],
-        "method": {"aligner": "mined", "fusion": "min_ce", "ce_normalization": "char", "lambda_clm": 0.9},
+        "method": {"aligner": "mined", "fusion": "min_ce", "ce_normalization": "char", "lambda_clm": lambda_clm},
         "data": {"train_files": [str(corpus["code_train"]), str(corpus["prose_train"])],
                  "validation_files": [str(corpus["code_heldout"]), str(corpus["prose_heldout"])],
                  "seq_len": seq_len, "shuffle_seed": 0},
@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES),
                    help="domain-expert sources to start (the target's initial model is always a source too)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="runs to compare")
+    p.add_argument("--lambda-clm", type=float, default=0.9,
+                   help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.9, the paper's)")
     p.add_argument("--pretrain-scale", type=float, default=1.0, help="multiply the models' pretraining steps")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.05 pretraining, 4 eval blocks")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             teachers[name] = proc.address
             print(f"[demo]   {name}: {models[name].name} on {proc.address}", flush=True)
         config = train_config(args.out / "runs" / "template", corpus, models["target_init"], teachers, args.steps,
-                              args.seq_len)
+                              args.seq_len, args.lambda_clm)
         print(f"[demo] 3/4 training {', '.join(args.modes)} ({args.steps} steps each)", flush=True)
         for mode in args.modes:
             run_training(config, args.out / "runs" / mode, MODES[mode])

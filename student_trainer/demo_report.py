@@ -89,6 +89,15 @@ def write_table(out: Path, rows: list[dict[str, object]], args) -> str:
     return table
 
 
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average (the per-step loss jumps with each batch's code/prose mix)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def plot_losses(out: Path, modes: list[str]) -> None:
     import matplotlib
 
@@ -96,15 +105,16 @@ def plot_losses(out: Path, modes: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in modes:
+    for i, mode in enumerate(modes):
         lines = (out / "runs" / mode / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x) for x in lines if '"loss"' in x]
         xs = [s["step"] for s in steps]
-        ax.plot(xs, [s["clm_loss"] for s in steps], label=f"{mode}: CLM loss")
+        color = f"C{i}"
+        ax.plot(xs, _smooth([s["clm_loss"] for s in steps]), color=color, label=f"{mode}: CLM loss")
         if mode != "clm_only":
-            ax.plot(xs, [s["fusion_loss"] for s in steps], "--", label=f"{mode}: fusion loss")
+            ax.plot(xs, _smooth([s["fusion_loss"] for s in steps]), "--", color=color, label=f"{mode}: fusion loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
+    ax.set_ylabel("loss (nats/token, 10-step mean)")
     ax.set_title("livefuse demo: training loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
