@@ -138,11 +138,13 @@ class ErrorStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "results", "error")
+    __slots__ = ("request_id", "results", "error", "tokenizer_fingerprint")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     results: _containers.RepeatedCompositeFieldContainer[ScoredText]
     error: ErrorStatus
-    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ScoredText, _Mapping]]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ScoredText, _Mapping]]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...

@@ -31,7 +31,7 @@ from student_trainer.assets import cache_dir, tokenizer_dir
 from student_trainer.demo_corpus import read_jsonl, write_corpus
 from student_trainer.demo_models import Recipe, pretrain
 from student_trainer.demo_report import evaluate_all, plot_losses, write_table
-from student_trainer.teacher_process import TeacherProcess
+from student_trainer.teacher_process import TeacherProcess, clean_env
 
 # name -> (recipe for the source model, domains it is pretrained on)
 SOURCES = {
@@ -85,7 +85,7 @@ def train_config(out: Path, corpus: dict[str, Path], target: Path, teachers: dic
 def run_training(config: Path, out: Path, overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "student_trainer", "--config", str(config), f"run.output_dir={out}", *overrides]
     print(f"[demo] $ {' '.join(cmd)}", flush=True)
-    with subprocess.Popen(cmd) as proc:
+    with subprocess.Popen(cmd, env=clean_env()) as proc:
         try:
             if proc.wait() != 0:
                 raise RuntimeError(f"training {out.name} failed with exit code {proc.returncode}")

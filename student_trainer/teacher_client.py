@@ -67,6 +67,14 @@ def channel_target(endpoints: str | Sequence[str]) -> str:
     return "ipv4:" + ",".join(dict.fromkeys(addresses))
 
 
+class FingerprintMismatch(RuntimeError):
+    """A response came from a teacher with another tokenizer than the one this client was set up for."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(f"the teacher answered with tokenizer {got or '(none)'}; expected {expected}")
+        self.expected, self.got = expected, got
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """TLS towards a teacher: CA to trust (None: system roots), optional client certificate (mutual TLS),
@@ -138,9 +146,13 @@ class TeacherClient:
                                request_id=str(next(self._ids)))
 
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-              logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None) -> list[TeacherScores]:
+              logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None,
+              expect_fingerprint: str | None = None) -> list[TeacherScores]:
+        """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered."""
         response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
                                    timeout=timeout or self.timeout, metadata=self.metadata)
+        if expect_fingerprint is not None and response.tokenizer_fingerprint != expect_fingerprint:
+            raise FingerprintMismatch(expect_fingerprint, response.tokenizer_fingerprint)
         return [decode_scores(r) for r in response.results]
 
     def score_stream(self, requests: Iterable[pb.ScoreRequest], timeout: float | None = None

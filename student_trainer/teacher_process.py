@@ -22,6 +22,12 @@ from pathlib import Path
 _DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without a launcher's rendezvous variables: a child (a teacher, a new
+    training run) is not part of this process's torch.distributed group."""
+    return {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+
+
 def _die_with_parent() -> None:
     """In the child: ask Linux to SIGKILL us when the parent dies (no orphans after a crash)."""
     try:
@@ -65,8 +71,7 @@ class TeacherProcess:
             sink.close()
 
     def start(self) -> TeacherProcess:
-        # a teacher is not part of the trainer's process group: drop the launcher's rendezvous variables
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS} | {"PYTHONUNBUFFERED": "1"}
+        env = clean_env() | {"PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()

@@ -13,7 +13,7 @@ import numpy as np
 
 from student_trainer.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
 from student_trainer.config import SourceConfig
-from student_trainer.teacher_client import ClientTLS, TeacherClient
+from student_trainer.teacher_client import ClientTLS, FingerprintMismatch, TeacherClient
 from student_trainer.vocab_cache import cached_vocab_map
 
 log = logging.getLogger("livefuse.trainer.teachers")
@@ -62,19 +62,12 @@ class Source:
         n = self.config.texts_per_request
         out: list[TeacherOutput] = []
         for s in range(0, len(texts), n):
-            for r in self.client.score(texts[s:s + n], top_k=self.config.top_k, truncate=True):
+            for r in self.client.score(texts[s:s + n], top_k=self.config.top_k, truncate=True,
+                                       expect_fingerprint=self.info.tokenizer_fingerprint):
                 tokens = Tokens(r.input_ids.astype(np.int64), r.offsets.astype(np.int64))
                 out.append(TeacherOutput(tokens, r.topk_ids.astype(np.int64), r.topk_logprobs.astype(np.float32),
                                          r.next_logprobs.astype(np.float32)))
         return out
-
-    def _check_same_teacher(self) -> None:
-        info = self.client.info()
-        if info.tokenizer_fingerprint != self.info.tokenizer_fingerprint or info.vocab_size != self.info.vocab_size:
-            raise SourceChanged(
-                f"source {self.name!r} came back with tokenizer {info.tokenizer_fingerprint} "
-                f"(vocab {info.vocab_size}); it was {self.info.tokenizer_fingerprint} (vocab {self.info.vocab_size}). "
-                "Restart the run with the right teacher, or change the source's name to start a new mapping")
 
     def fetch(self, texts: Sequence[str]) -> list[TeacherOutput] | None:
         """Teacher outputs for ``texts``; None when the source is down and its policy is ``skip``."""
@@ -83,10 +76,13 @@ class Source:
             try:
                 result = self._score(texts)
                 if self._broken_since is not None:
-                    self._check_same_teacher()
                     log.warning("source back", extra={"fields": {"source": self.name}})
                     self._broken_since = None
                 return result
+            except FingerprintMismatch as err:  # checked on every response, retries or not
+                raise SourceChanged(
+                    f"source {self.name!r} came back with tokenizer {err.got} (it was {err.expected}). "
+                    "Restart the run with the right teacher, or give the source a new name") from None
             except grpc.RpcError as err:
                 if err.code() not in TRANSIENT:
                     raise SourceFailed(f"source {self.name!r} refused a request: {err.code().name}: "

@@ -134,7 +134,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                           self.info.vocab_size, len(text), request.logprob_format)
             for e, o, t, text in zip(encoded, outputs, truncated, texts, strict=True)
         ]
-        return pb.ScoreResponse(request_id=request.request_id, results=results)
+        return pb.ScoreResponse(request_id=request.request_id, results=results,
+                                tokenizer_fingerprint=self.info.tokenizer_fingerprint)
 
     def _check_request(self, request: pb.ScoreRequest) -> int:
         """Checks count, top_k, format and empty texts; returns the top_k to use."""

@@ -161,3 +161,15 @@ def test_add_bos_scores_with_bos_prefix_and_returns_text_tokens_only(tiny_model_
     np.testing.assert_array_equal(got.input_ids, ids)
     np.testing.assert_allclose(got.topk_logprobs, top_v, atol=2e-5)
     np.testing.assert_allclose(got.next_logprobs, nxt, atol=2e-5)
+
+
+def test_every_response_names_its_tokenizer_and_the_client_checks_it(clients):
+    from student_trainer.teacher_client import FingerprintMismatch
+
+    client = clients["llama"]
+    fingerprint = client.info().tokenizer_fingerprint
+    response = client.stub.Score(client.request(["check me"], top_k=2), timeout=30)
+    assert response.tokenizer_fingerprint == fingerprint
+    assert client.score(["check me"], top_k=2, expect_fingerprint=fingerprint)
+    with pytest.raises(FingerprintMismatch, match="expected sha256:other"):
+        client.score(["check me"], top_k=2, expect_fingerprint="sha256:other")
