@@ -26,7 +26,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rapidfuzz.distance import Levenshtein  # noqa: E402
 
 from student_trainer.alignment import (  # noqa: E402
     ALIGNERS,
@@ -39,6 +38,7 @@ from student_trainer.alignment import (  # noqa: E402
 )
 from student_trainer.assets import load_tokenizer  # noqa: E402
 from student_trainer.vocab import build_vocab_map  # noqa: E402
+from tests.student_trainer.reference_dtw import plain_dtw  # noqa: E402  (the tests' plain DTW)
 
 PAIRS = [("mpt", "llama-spm"), ("gpt-2", "llama-spm"), ("mistral-spm", "gpt-2")]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -73,26 +73,6 @@ def window(target: Tokens, source: Tokens, start: int, length: int) -> tuple[Tok
     return t, TeacherOutput(s, ids, lp, lp[1:, 0].copy())
 
 
-def plain_dtw(src: list[str], tgt: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's DTW: O(n·m) Python loop with one edit-distance call per cell; diag > up > left."""
-    n, m = len(src), len(tgt)
-    acc = np.full((n + 1, m + 1), np.inf)
-    acc[0, 0] = 0.0
-    for i in range(n):
-        for j in range(m):
-            acc[i + 1, j + 1] = Levenshtein.distance(src[i], tgt[j]) + min(acc[i, j + 1], acc[i + 1, j], acc[i, j])
-    acc = acc[1:, 1:]
-    i, j = n - 1, m - 1
-    path_i, path_j = [i], [j]
-    while i > 0 or j > 0:
-        diag = acc[i - 1, j - 1] if i > 0 and j > 0 else np.inf
-        up = acc[i - 1, j] if i > 0 else np.inf
-        left = acc[i, j - 1] if j > 0 else np.inf
-        move = int(np.argmin([diag, up, left]))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path_i.append(i)
-        path_j.append(j)
-    return np.array(path_i), np.array(path_j)
 
 
 def tokens_per_s(aligner, target: Tokens, teacher: TeacherOutput, pair: VocabPair, repeats: int) -> float:

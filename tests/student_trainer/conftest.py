@@ -98,3 +98,23 @@ def vocab_pair(vocabs, tmp_path_factory):
         return cache[source, target]
 
     return get
+
+
+# Trainer tests: the target (tiny Llama with the Mistral tokenizer) and two live teachers, per module.
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Path:
+    from student_trainer.assets import build_tiny_model
+
+    from .trainer_helpers import TARGET
+
+    return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_model_dirs):
+    from .trainer_helpers import Teacher
+
+    running = {name: Teacher(tiny_model_dirs[name]) for name in ("gpt2", "mpt")}
+    yield running
+    for t in running.values():
+        t.stop()

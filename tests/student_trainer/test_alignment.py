@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rapidfuzz.distance import Levenshtein
 
 from student_trainer.alignment import (
     ALIGNERS,
@@ -29,30 +28,11 @@ from tests.student_trainer.conftest import (
     prose_text,
     tokens_of,
 )
+from tests.student_trainer.reference_dtw import plain_dtw
 
 TOY_VOCAB = ["<unk>", "\u2581the", "\u2581cat", "\u2581sat", "s", "at", "\u2581", "c", "\u2581on", "."]
 
 
-def plain_dtw(src: list[str], tgt: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's DTW, cell by cell: O(n·m) edit-distance calls, then backtrack (diag > up > left)."""
-    n, m = len(src), len(tgt)
-    acc = np.full((n + 1, m + 1), np.inf)
-    acc[0, 0] = 0.0
-    for i in range(n):
-        for j in range(m):
-            acc[i + 1, j + 1] = Levenshtein.distance(src[i], tgt[j]) + min(acc[i, j + 1], acc[i + 1, j], acc[i, j])
-    acc = acc[1:, 1:]
-    i, j = n - 1, m - 1
-    path_i, path_j = [i], [j]
-    while i > 0 or j > 0:
-        diag = acc[i - 1, j - 1] if i > 0 and j > 0 else np.inf
-        up = acc[i - 1, j] if i > 0 else np.inf
-        left = acc[i, j - 1] if j > 0 else np.inf
-        move = int(np.argmin([diag, up, left]))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path_i.append(i)
-        path_j.append(j)
-    return np.array(path_i), np.array(path_j)
 
 
 def plain_mined_positions(path_i, path_j, src: Tokens, tgt: Tokens, pair) -> list[int]:

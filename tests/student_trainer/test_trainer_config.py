@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from student_trainer.__main__ import main
-from student_trainer.assets import build_tiny_model
 
-from .trainer_helpers import TARGET, Teacher, free_port, source, trainer_config, write_config
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Path:
-    return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
+from .trainer_helpers import Teacher, free_port, source, trainer_config, write_config
 
 
 def _argv(tmp_path: Path, target: Path, sources: list, *overrides: str) -> list[str]:

@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 
 from student_trainer.__main__ import main
-from student_trainer.assets import build_tiny_model
 from student_trainer.config import load_trainer_config
 from student_trainer.trainer import train
 
-from .trainer_helpers import TARGET, Teacher, read_metrics, source, trainer_config, write_config
+from .trainer_helpers import Teacher, read_metrics, source, trainer_config, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 4  # x 2 micro-batches; a killed teacher serves its first 2 forwards, then dies on the third
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Path:
-    return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
 
 
 @pytest.fixture(scope="module")

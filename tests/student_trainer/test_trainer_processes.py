@@ -10,13 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer.assets import build_tiny_model
 from student_trainer.config import load_trainer_config
 from student_trainer.trainer import train
 
 from .trainer_helpers import (
-    TARGET,
-    Teacher,
     free_port,
     losses_by_step,
     read_metrics,
@@ -28,19 +25,6 @@ from .trainer_helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Path:
-    return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
-
-
-@pytest.fixture(scope="module")
-def teachers(tiny_model_dirs):
-    running = {name: Teacher(tiny_model_dirs[name]) for name in ("gpt2", "mpt")}
-    yield running
-    for t in running.values():
-        t.stop()
 
 
 def _config(tmp_path: Path, name: str, target: Path, teachers, steps: int, micro: int, gas: int, **run) -> Path:

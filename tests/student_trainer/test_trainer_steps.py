@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_trainer.assets import build_tiny_model
 from student_trainer.config import load_trainer_config
 from student_trainer.trainer import train
 
 from .trainer_helpers import (
-    TARGET,
-    Teacher,
     losses_by_step,
     read_metrics,
     source,
@@ -28,19 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Losses of the first steps of the fused run below (seed 0, fp32, ZeRO-2, torch CPU kernels).
 PINNED = {1: 10.384672, 2: 10.383126, 3: 10.375426, 4: 10.337404}
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Path:
-    return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
-
-
-@pytest.fixture(scope="module")
-def teachers(tiny_model_dirs):
-    running = {name: Teacher(tiny_model_dirs[name]) for name in ("gpt2", "mpt")}
-    yield running
-    for t in running.values():
-        t.stop()
 
 
 def _run(tmp: Path, name: str, target: Path, sources: list, **sections) -> Path:
