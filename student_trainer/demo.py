@@ -46,15 +46,16 @@ MODES = {
 }
 
 
-def build_assets(corpus: dict[str, Path], scale: float) -> dict[str, Path]:
+def build_assets(corpus: dict[str, Path], scale: float, source_scale: float) -> dict[str, Path]:
     """Pretrained source models and the target's initial model (cached by recipe)."""
-    def scaled(r: Recipe) -> Recipe:
-        return Recipe(**{**r.__dict__, "steps": max(2, int(r.steps * scale))})
+    def scaled(r: Recipe, factor: float) -> Recipe:
+        return Recipe(**{**r.__dict__, "steps": max(2, int(r.steps * factor))})
 
     texts = {d: read_jsonl(corpus[f"{d}_train"]) for d in ("code", "prose")}
     models = {}
-    for name, recipe in {**SOURCES, "target_init": TARGET}.items():
-        recipe = scaled(recipe)
+    recipes = {**{n: scaled(r, scale * source_scale) for n, r in SOURCES.items()},
+               "target_init": scaled(TARGET, scale)}
+    for name, recipe in recipes.items():
         models[name] = pretrain(recipe, [t for d in recipe.domains for t in texts[d]], name)
     return models
 
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lambda-clm", type=float, default=0.9,
                    help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.9, the paper's)")
     p.add_argument("--pretrain-scale", type=float, default=1.0, help="multiply the models' pretraining steps")
+    p.add_argument("--source-scale", type=float, default=1.0,
+                   help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.05 pretraining, 4 eval blocks")
     args = p.parse_args(argv)
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("llama-spm", "gpt-2", "mistral-spm"):
         tokenizer_dir(name)
     corpus = write_corpus(cache_dir() / "demo-corpus")
-    models = build_assets(corpus, args.pretrain_scale)
+    models = build_assets(corpus, args.pretrain_scale, args.source_scale)
     with ExitStack() as stack:
         print("[demo] 2/4 starting teacher servers", flush=True)
         teachers = {}
