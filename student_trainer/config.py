@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from student_trainer.alignment import ALIGNERS
 from student_trainer.fusion import AVG_WEIGHTS, FUSIONS, SEQUENCE_CE
 from student_trainer.losses import FUSION_LOSSES
+from teacher_server.config import format_errors
 
 FAILURE_POLICIES = ("wait", "skip", "fail")
 
@@ -184,16 +185,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-        lines.append(f"{field}: {e['msg']}{shown}")
-    return "invalid trainer config:\n  " + "\n  ".join(lines)
-
-
 def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainerConfig:
     """YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then validation."""
     data: dict[str, Any] = {}
@@ -213,4 +204,4 @@ def load_trainer_config(path: str | Path | None, overrides: list[str] | None = N
     try:
         return TrainerConfig(**data)
     except ValidationError as err:
-        raise ValueError(_format(err)) from None
+        raise ValueError(format_errors(err, "invalid trainer config")) from None

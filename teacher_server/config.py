@@ -91,14 +91,15 @@ class TeacherConfig(BaseModel):
         return self
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError, title: str) -> str:
+    """One line per bad field: dotted path, pydantic's message and the value given (shared with the trainer)."""
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
         lines.append(f"{field}: {e['msg']}{shown}")
-    return "invalid teacher config:\n  " + "\n  ".join(lines)
+    return f"{title}:\n  " + "\n  ".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TeacherConfig:
@@ -116,4 +117,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return TeacherConfig(**data)
     except ValidationError as err:
-        raise ValueError(_format_errors(err)) from None
+        raise ValueError(format_errors(err, "invalid teacher config")) from None
