@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from student_trainer.assets import cache_dir, tokenizer_dir
+from student_trainer.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
 from student_trainer.demo_corpus import read_jsonl, write_corpus
 from student_trainer.demo_models import Recipe, pretrain
 from student_trainer.demo_report import evaluate_all, plot_losses, write_table
@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source-scale", type=float, default=1.0,
                    help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
+    p.add_argument("--real", action="store_true",
+                   help="also serve SmolLM2-135M-Instruct (a real LM, 93 MB download once) as a source")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.05 pretraining, 4 eval blocks")
     args = p.parse_args(argv)
     if args.quick:
@@ -128,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         print("[demo] 2/4 starting teacher servers", flush=True)
         teachers = {}
-        for name in [*args.sources, "target_init"]:
-            proc = stack.enter_context(TeacherProcess(models[name], "--device", "cpu", "--max-tokens-per-text", "4096",
-                                                      name=name, log_path=args.out / f"teacher-{name}.log"))
+        serve = {name: (models[name],) for name in [*args.sources, "target_init"]}
+        if args.real:  # a real pretrained LM (SmolLM2-135M-Instruct, GGUF from a PyPI wheel) as another source
+            serve["smollm2"] = (smollm2_dir(), "--gguf-file", SMOLLM2_GGUF)
+        for name, (model, *extra) in serve.items():
+            proc = stack.enter_context(TeacherProcess(model, "--device", "cpu", "--max-tokens-per-text", "4096",
+                                                      *extra, name=name, log_path=args.out / f"teacher-{name}.log"))
             teachers[name] = proc.address
-            print(f"[demo]   {name}: {models[name].name} on {proc.address}", flush=True)
+            print(f"[demo]   {name}: {Path(model).name} on {proc.address}", flush=True)
         config = train_config(args.out / "runs" / "template", corpus, models["target_init"], teachers, args.steps,
                               args.seq_len, args.lambda_clm)
         print(f"[demo] 3/4 training {', '.join(args.modes)} ({args.steps} steps each)", flush=True)

@@ -85,7 +85,8 @@ def train(config: TrainerConfig) -> dict[str, float]:
     if resumed is not None:
         step, micro_index = resumed
         run.logger.info(f"resumed from step {step} (micro-batch {micro_index})")
-    prefetcher = Prefetcher(run.sampler.batch, run.sources, config.method, micro_index, config.run.prefetch_depth)
+    fusing = run.sources if config.method.lambda_clm < 1.0 else []  # λ = 1: nothing to fetch (eval still uses them)
+    prefetcher = Prefetcher(run.sampler.batch, fusing, config.method, micro_index, config.run.prefetch_depth)
     gas = run.engine.gradient_accumulation_steps()
     try:
         while step < run.max_steps:

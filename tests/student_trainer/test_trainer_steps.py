@@ -87,7 +87,7 @@ def test_lambda_one_reproduces_the_clm_only_run(tmp_path, target, teachers, fuse
     clm = {"lambda_clm": 1.0}
     with_sources = losses_by_step(_run(tmp_path, "with", target, _sources(teachers), method=clm))
     alone = losses_by_step(_run(tmp_path, "alone", target, [], method=clm))
-    assert with_sources == alone  # exactly: the teachers are fetched but carry no weight
+    assert with_sources == alone  # exactly: at λ = 1 the teachers are not even asked
     assert with_sources != losses_by_step(fused_run)
 
 
