@@ -24,7 +24,8 @@ class RunLogger:
         if self.active:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "config.json").write_text(json.dumps(config.model_dump(), indent=2))
-            self._jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115
+            # a resumed run appends; a fresh one (run.resume=false) starts a new file
+            self._jsonl = open(output_dir / "metrics.jsonl", "a" if config.run.resume else "w")  # noqa: SIM115
 
     def info(self, message: str) -> None:
         if self.active:
