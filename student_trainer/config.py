@@ -9,20 +9,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from student_trainer.alignment import ALIGNERS
 from student_trainer.fusion import AVG_WEIGHTS, FUSIONS, SEQUENCE_CE
 from student_trainer.losses import FUSION_LOSSES
-from teacher_server.config import format_errors
+from teacher_server.config import format_errors, one_of
 
 FAILURE_POLICIES = ("wait", "skip", "fail")
-
-
-def _one_of(value: str, registry: object, field: str) -> str:
-    if value not in registry:  # type: ignore[operator]
-        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(sorted(registry))}")  # type: ignore[arg-type]
-    return value
+# method settings that name an entry of a registry: checked when the config is read
+_METHOD_REGISTRIES = {"aligner": ALIGNERS, "fusion": FUSIONS, "ce_normalization": SEQUENCE_CE,
+                      "avg_weighting": AVG_WEIGHTS, "fusion_loss": FUSION_LOSSES}
 
 
 def _existing_file(path: str | None, field: str) -> str | None:
@@ -70,7 +75,7 @@ class SourceConfig(_Strict):
     @field_validator("failure")
     @classmethod
     def _policy(cls, v: str) -> str:
-        return _one_of(v, FAILURE_POLICIES, "failure policy")
+        return one_of(v, sorted(FAILURE_POLICIES), "failure policy")
 
     @field_validator("auth_token_file")
     @classmethod
@@ -97,30 +102,10 @@ class MethodConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="teacher temperature")
     fusion_loss: str = Field("ce", description="fusion loss: ce (soft cross-entropy) | kl")
 
-    @field_validator("aligner")
+    @field_validator(*_METHOD_REGISTRIES)
     @classmethod
-    def _aligner(cls, v: str) -> str:
-        return _one_of(v, ALIGNERS, "aligner")
-
-    @field_validator("fusion")
-    @classmethod
-    def _fusion(cls, v: str) -> str:
-        return _one_of(v, FUSIONS, "fusion")
-
-    @field_validator("ce_normalization")
-    @classmethod
-    def _ce(cls, v: str) -> str:
-        return _one_of(v, SEQUENCE_CE, "ce_normalization")
-
-    @field_validator("avg_weighting")
-    @classmethod
-    def _weighting(cls, v: str) -> str:
-        return _one_of(v, AVG_WEIGHTS, "avg_weighting")
-
-    @field_validator("fusion_loss")
-    @classmethod
-    def _loss(cls, v: str) -> str:
-        return _one_of(v, FUSION_LOSSES, "fusion_loss")
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        return one_of(v, sorted(_METHOD_REGISTRIES[info.field_name]), info.field_name)
 
 
 class DataConfig(_Strict):

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 BACKEND_NAMES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def one_of(value: str, accepted: Iterable[str], field: str) -> str:
+    """``value`` if it is one of ``accepted`` (a tuple or a registry dict), else a ValueError naming all."""
+    if value not in accepted:
+        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(accepted)}")
+    return value
 
 
 class TeacherConfig(BaseModel):
@@ -51,19 +67,10 @@ class TeacherConfig(BaseModel):
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @field_validator("backend")
+    @field_validator("backend", "dtype")
     @classmethod
-    def _known_backend(cls, v: str) -> str:
-        if v not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {v!r}; accepted: {', '.join(BACKEND_NAMES)}")
-        return v
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; accepted: {', '.join(DTYPES)}")
-        return v
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
+        return one_of(v, BACKEND_NAMES if info.field_name == "backend" else DTYPES, info.field_name)
 
     @field_validator("device")
     @classmethod
