@@ -11,13 +11,11 @@ import torch
 
 from student_trainer.data import make_blocks
 from student_trainer.demo_corpus import read_jsonl
+from student_trainer.evaluation import summarise
+from student_trainer.fusion import predicted_chars
 from student_trainer.teacher_client import TeacherClient
 
 DOMAINS = ("code", "prose")
-
-
-def _chars(offsets: np.ndarray) -> int:
-    return int(offsets[-1, 1] - offsets[1, 0]) if len(offsets) > 1 else 0
 
 
 @torch.no_grad()
@@ -27,24 +25,23 @@ def model_scores(folder: Path, texts: list[str], seq_len: int, n_blocks: int) ->
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    nll = tokens = chars = 0.0
+    sums = np.zeros(3)  # summed NLL, predicted tokens, covered characters
     for block in make_blocks(texts, tok, seq_len, 16)[:n_blocks]:
         ids = torch.from_numpy(block.ids)[None]
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
-        tokens += len(block.ids) - 1
-        chars += _chars(block.offsets)
-    return {"ppl": math.exp(nll / tokens), "nats_per_char": nll / chars}
+        sums += [-float(logp.gather(-1, ids[0, 1:, None]).sum()), len(block.ids) - 1, predicted_chars(block.offsets)]
+    scores = summarise(sums)
+    return {"ppl": scores["perplexity"], "nats_per_char": scores["nats_per_char"]}
 
 
 def teacher_scores(address: str, block_texts: list[str]) -> dict[str, float]:
     """A source's nats per character on the same held-out texts (its own tokens)."""
-    nll = chars = 0.0
+    sums = np.zeros(3)
     with TeacherClient(address, timeout=300) as client:
         for s in client.score(block_texts, top_k=1, truncate=True):
-            nll -= float(np.sum(s.next_logprobs, dtype=np.float64))
-            chars += _chars(s.offsets.astype(np.int64))
-    return {"ppl": float("nan"), "nats_per_char": nll / chars}
+            sums += [-float(np.sum(s.next_logprobs, dtype=np.float64)), len(s.next_logprobs),
+                     predicted_chars(s.offsets.astype(np.int64))]
+    return {"ppl": float("nan"), "nats_per_char": summarise(sums)["nats_per_char"]}
 
 
 def evaluate_all(out: Path, models: dict[str, Path], teachers: dict[str, str], corpus: dict[str, Path],

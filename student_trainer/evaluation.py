@@ -10,12 +10,8 @@ import numpy as np
 import torch
 
 from student_trainer.data import Block, collate, loss_mask
+from student_trainer.fusion import predicted_chars
 from student_trainer.teachers import Source
-
-
-def _chars(offsets: np.ndarray) -> int:
-    """Characters covered by the predicted tokens 1..n-1."""
-    return int(offsets[-1, 1] - offsets[1, 0]) if len(offsets) > 1 else 0
 
 
 @torch.no_grad()
@@ -32,7 +28,7 @@ def student_sums(engine, blocks: Sequence[Block], pad_id: int, micro_batch: int)
         mask = torch.from_numpy(loss_mask(batch.attention_mask)[:, :-1]).to(engine.device)
         sums[0] += float(-(logp * mask).sum())
         sums[1] += float(mask.sum())
-        sums[2] += sum(_chars(b.offsets) for b in batch.blocks)
+        sums[2] += sum(predicted_chars(b.offsets) for b in batch.blocks)
     engine.module.train(was_training)
     return sums
 
@@ -43,7 +39,7 @@ def source_sums(source: Source, blocks: Sequence[Block]) -> np.ndarray:
     sums = np.zeros(3)
     for out in outputs:
         sums += [-float(np.sum(out.next_logprobs, dtype=np.float64)), len(out.next_logprobs),
-                 _chars(out.tokens.offsets)]
+                 predicted_chars(out.tokens.offsets)]
     return sums
 
 

@@ -38,15 +38,16 @@ def ce_per_token(next_logprobs: np.ndarray, offsets: np.ndarray) -> float:
     return float(-np.mean(next_logprobs, dtype=np.float64))
 
 
-def ce_per_char(next_logprobs: np.ndarray, offsets: np.ndarray) -> float:
-    """Negative log-prob of the predicted tokens per character they cover: ``offsets (n, 2)``.
+def predicted_chars(offsets: np.ndarray) -> int:
+    """Characters covered by the predicted tokens 1..n-1 (token 1's start to the last token's end)."""
+    return int(offsets[-1, 1]) - int(offsets[1, 0]) if len(offsets) > 1 else 0
 
-    Tokens 1..n-1 are predicted; they cover the text from token 1's start to the last token's end.
-    """
+
+def ce_per_char(next_logprobs: np.ndarray, offsets: np.ndarray) -> float:
+    """Negative log-prob of the predicted tokens per character they cover: ``offsets (n, 2)``."""
     if len(next_logprobs) == 0:
         return float("nan")
-    chars = int(offsets[-1, 1]) - int(offsets[1, 0])
-    return float(-np.sum(next_logprobs, dtype=np.float64) / max(chars, 1))
+    return float(-np.sum(next_logprobs, dtype=np.float64) / max(predicted_chars(offsets), 1))
 
 
 SEQUENCE_CE: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
