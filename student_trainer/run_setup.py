@@ -169,8 +169,8 @@ def build_run(config: TrainerConfig) -> Run:
         logger.close()
         raise
     user_ds = config.train.deepspeed
-    micro = int(_merge(DEEPSPEED_DEFAULTS, user_ds)["train_micro_batch_size_per_gpu"])
-    gas = int(_merge(DEEPSPEED_DEFAULTS, user_ds)["gradient_accumulation_steps"])
+    merged = _merge(DEEPSPEED_DEFAULTS, user_ds)
+    micro, gas = int(merged["train_micro_batch_size_per_gpu"]), int(merged["gradient_accumulation_steps"])
     sampler = BlockSampler(train_blocks, micro, tokenizer.pad_token_id, seed=config.data.shuffle_seed,
                            rank=rank, world=world)
     max_steps = config.train.max_steps or max(1, int(config.train.epochs * sampler.per_epoch / gas))

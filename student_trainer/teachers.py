@@ -52,7 +52,6 @@ class Source:
         vmap = cached_vocab_map(vocab, target_vocab, self.info.tokenizer_fingerprint, target_fingerprint,
                                 cache_dir)
         self.pair: VocabPair = make_vocab_pair(vocab, target_vocab, vmap)
-        self.skipped = 0
         self._broken_since: float | None = None
 
     def close(self) -> None:
@@ -101,8 +100,7 @@ class Source:
         what = f"source {self.name!r} failed: {err.code().name}: {err.details()}"
         if self.config.failure == "fail":
             raise SourceFailed(what)
-        if self.config.failure == "skip":
-            self.skipped += 1
+        if self.config.failure == "skip":  # counted per sequence in the step metrics (skipped/<name>)
             return -1
         if now - self._broken_since > self.config.wait_max_s:
             raise SourceFailed(f"{what}; it did not come back within wait_max_s={self.config.wait_max_s}")
