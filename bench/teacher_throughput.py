@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from protos import teacher_pb2 as pb  # noqa: E402
 from protos.scores import decode_scores  # noqa: E402
 from student_trainer.teacher_client import TeacherClient  # noqa: E402
+from student_trainer.teacher_process import TeacherProcess  # noqa: E402
 from teacher_server.backend import load_hf  # noqa: E402
 from teacher_server.config import TeacherConfig  # noqa: E402
 from teacher_server.tokenizer import TeacherTokenizer  # noqa: E402
@@ -145,73 +144,9 @@ def run_raw(backend, batches: list[list[np.ndarray]], top_k: int, warmup: int) -
 # ---------------------------------------------------------------- server subprocess
 
 
-class ServerProcess:
-    """``python -m teacher_server`` on 127.0.0.1:0; the port comes from its JSON "listening" log line."""
-
-    def __init__(self, flags: list[str], threads: int) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "teacher_server", *flags, "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "none", "--log-format", "json"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        self.lines: queue.Queue[dict] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line.rstrip())
-            try:
-                self.lines.put(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-
-    def wait_port(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                record = self.lines.get(timeout=1.0)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if record.get("msg") == "listening":
-                return int(record["port"])
-        raise RuntimeError("teacher server did not report its port:\n" + "\n".join(self.log[-20:]))
-
-    def wait_serving(self, port: int, timeout: float) -> None:
-        """Polls the standard health service until SERVING."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError("teacher server did not become SERVING:\n" + "\n".join(self.log[-20:]))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def server_flags(cfg: TeacherConfig) -> list[str]:
     """The CLI flags that give the server the same config as the raw backend."""
-    flags = ["--model", cfg.model, "--device", cfg.device, "--dtype", cfg.dtype,
+    flags = ["--device", cfg.device, "--dtype", cfg.dtype,
              "--compile" if cfg.compile else "--no-compile"]
     for name in ("max_batch_tokens", "max_batch_texts", "max_tokens_per_text", "max_tokens_per_request",
                  "max_queue_tokens", "pad_to_multiple_of", "default_top_k", "max_top_k"):
@@ -294,20 +229,15 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def start_server(cfg: TeacherConfig, args: argparse.Namespace) -> tuple[ServerProcess, TeacherClient]:
-    """Starts the server subprocess, waits for SERVING and warms it up with ``args.warmup`` requests."""
-    server = ServerProcess(server_flags(cfg), args.threads)
-    try:
-        port = server.wait_port(args.ready_timeout)
-        server.wait_serving(port, args.ready_timeout)
-        client = TeacherClient(f"127.0.0.1:{port}", timeout=args.ready_timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server, client
+def start_server(cfg: TeacherConfig, args: argparse.Namespace) -> tuple[TeacherProcess, TeacherClient]:
+    """Starts ``python -m teacher_server`` on 127.0.0.1:0 and waits until it reports SERVING."""
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    server = TeacherProcess(cfg.model, *server_flags(cfg), startup_timeout=args.ready_timeout, env=env).start()
+    return server, TeacherClient(server.address, timeout=args.ready_timeout)
 
 
-def run_server(server: ServerProcess, client: TeacherClient, texts: list[list[str]],
+def run_server(server: TeacherProcess, client: TeacherClient, texts: list[list[str]],
                args: argparse.Namespace) -> Phase:
     """Times ``texts`` (one request each) through the server; CPU = server process + this client."""
     drive = drive_stream if args.transport == "stream" else drive_unary

@@ -40,10 +40,12 @@ def _die_with_parent() -> None:
 
 class TeacherProcess:
     def __init__(self, model: str | Path, *args: str, name: str = "teacher", startup_timeout: float = 300.0,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
+        """``args`` are more ``livefuse-teacher`` flags; ``env`` adds environment variables for the child."""
         self.cmd = [sys.executable, "-m", "teacher_server", "--model", str(model), "--host", "127.0.0.1",
                     "--port", "0", "--metrics-port", "none", "--log-format", "json", *args]
         self.name, self.startup_timeout, self.log_path = name, startup_timeout, log_path
+        self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.recent: deque[str] = deque(maxlen=20)
@@ -71,7 +73,7 @@ class TeacherProcess:
             sink.close()
 
     def start(self) -> TeacherProcess:
-        env = clean_env() | {"PYTHONUNBUFFERED": "1"}
+        env = clean_env() | {"PYTHONUNBUFFERED": "1"} | self.extra_env
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -17,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from student_trainer.teacher_client import TeacherClient
+from student_trainer.teacher_process import TeacherProcess
 from teacher_server.background import BackgroundServer
 from teacher_server.tokenizer import tokenizer_fingerprint
 
@@ -92,37 +90,21 @@ def test_metrics_endpoint_counts_tokens_and_latency(tiny_model_dirs, loaded):
     assert "livefuse_teacher_queue_tokens" in lines and "livefuse_teacher_batch_tokens_count" in lines
 
 
-def _start_cli(model_dir, *extra: str) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "teacher_server", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "none", "--device", "cpu", "--log-format", "json", *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    port, seen = None, []
-    deadline = time.monotonic() + 120
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("{"):
-            record = json.loads(line)
-            port = record.get("port", port)
-            if record["msg"] == "serving":
-                return proc, port
-        assert time.monotonic() < deadline, "server did not start"
-    raise AssertionError(f"server exited with {proc.wait()}: {''.join(seen[-5:])}")
-
-
 @pytest.mark.slow
 def test_cli_serves_and_drains_in_flight_requests_on_sigterm(tiny_model_dirs):
-    proc, port = _start_cli(tiny_model_dirs["llama"], "--grace-seconds", "30", "--max-batch-tokens", "1024",
-                            "--max-tokens-per-text", "1024")
-    with TeacherClient(f"127.0.0.1:{port}", timeout=60) as client:
+    with TeacherProcess(tiny_model_dirs["llama"], "--device", "cpu", "--grace-seconds", "30",
+                        "--max-batch-tokens", "1024", "--max-tokens-per-text", "1024") as teacher, \
+            TeacherClient(teacher.address, timeout=60) as client:
+        assert teacher.proc is not None
         assert client.info().architecture == "LlamaForCausalLM"
         requests = [client.request(["a fairly long text " * 50] * 4, top_k=8) for _ in range(12)]
         responses = []
         for response in client.score_stream(requests):
             if not responses:  # the first answer is back: the other 11 are in flight
-                proc.send_signal(signal.SIGTERM)
+                teacher.proc.send_signal(signal.SIGTERM)
             responses.append(response)
-    assert proc.wait(60) == 0
+        exit_code = teacher.proc.wait(60)
+    assert exit_code == 0
     assert len(responses) == 12 and not any(r.HasField("error") for r in responses)
     assert all(len(r.results) == 4 for r in responses)
 
