@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-from student_trainer.alignment import (  # noqa: E402
+from student_trainer.core.alignment import (  # noqa: E402
     ALIGNERS,
     TeacherOutput,
     Tokens,
@@ -36,9 +36,9 @@ from student_trainer.alignment import (  # noqa: E402
     lookup,
     make_vocab_pair,
 )
-from student_trainer.assets import load_tokenizer  # noqa: E402
-from student_trainer.vocab import build_vocab_map  # noqa: E402
-from tests.student_trainer.reference_dtw import plain_dtw  # noqa: E402  (the tests' plain DTW)
+from student_trainer.core.vocab import build_vocab_map  # noqa: E402
+from student_trainer.demo.assets import load_tokenizer  # noqa: E402
+from tests.student_trainer.core.reference_dtw import plain_dtw  # noqa: E402  (the tests' plain DTW)
 
 PAIRS = [("mpt", "llama-spm"), ("gpt-2", "llama-spm"), ("mistral-spm", "gpt-2")]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace, root: Path) -> dict[str, Path]:
-    from student_trainer.assets import build_tiny_model
+    from student_trainer.demo.assets import build_tiny_model
 
     h, lay, hd = args.target_size
     models = {"target": build_tiny_model("llama", "llama-spm", root / "target", hidden=h, layers=lay, heads=hd,
@@ -109,7 +109,7 @@ def build_models(args: argparse.Namespace, root: Path) -> dict[str, Path]:
 
 
 def start_teachers(args: argparse.Namespace, models: dict[str, Path]) -> list:
-    from student_trainer.teacher_process import TeacherProcess
+    from student_trainer.demo.teacher_process import TeacherProcess
 
     cpus = ",".join(map(str, sorted(_cpus(args.teacher_cpus))))
     os.environ.update(OMP_NUM_THREADS=str(args.teacher_threads), MKL_NUM_THREADS=str(args.teacher_threads))
@@ -124,7 +124,7 @@ def start_teachers(args: argparse.Namespace, models: dict[str, Path]) -> list:
 def trainer_config(args: argparse.Namespace, models: dict[str, Path], teachers: list, out: Path):
     import sysconfig
 
-    from student_trainer.config import load_trainer_config
+    from student_trainer.trainer.config import load_trainer_config
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = args.files or sorted(str(f) for d in ("json", "email", "http") for f in (stdlib / d).glob("*.py"))
@@ -183,8 +183,8 @@ def _thread_sched() -> tuple[float, float]:
 
 def run_phase(run, depth: int, steps: int, warmup: int, teacher_pids: list[int]) -> dict[str, float]:
     """Trains ``warmup + steps`` steps from micro-batch 0 with a fresh prefetcher; stats of the timed steps."""
-    from student_trainer.prefetch import Prefetcher
-    from student_trainer.trainer import train_step
+    from student_trainer.trainer.loop import train_step
+    from student_trainer.trainer.prefetch import Prefetcher
 
     pf = Prefetcher(run.sampler.batch, run.sources, run.config.method, 0, depth)
     times, waits, fetch = [], [], []
@@ -281,9 +281,9 @@ def memory_child(spec: str, args: argparse.Namespace) -> None:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from student_trainer.config import MethodConfig
-        from student_trainer.run_setup import deepspeed_config, init_distributed
-        from student_trainer.trainer import micro_loss, train_step
+        from student_trainer.trainer.config import MethodConfig
+        from student_trainer.trainer.loop import micro_loss, train_step
+        from student_trainer.trainer.run_setup import deepspeed_config, init_distributed
 
         init_distributed()
         torch.manual_seed(0)
@@ -318,7 +318,7 @@ def memory_child(spec: str, args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace, run, model_dir: Path, tmp: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from student_trainer.prefetch import prepare
+    from student_trainer.trainer.prefetch import prepare
 
     # A full-length micro-batch with real fused targets, fetched live once.
     with ThreadPoolExecutor(4) as pool:
@@ -370,7 +370,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from student_trainer.run_setup import build_run
+    from student_trainer.trainer.run_setup import build_run
 
     with tempfile.TemporaryDirectory(prefix="online-overhead-") as tmp_name:
         tmp = Path(tmp_name)

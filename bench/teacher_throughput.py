@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from protos import teacher_pb2 as pb  # noqa: E402
 from protos.scores import decode_scores  # noqa: E402
-from student_trainer.teacher_client import TeacherClient  # noqa: E402
-from student_trainer.teacher_process import TeacherProcess  # noqa: E402
-from teacher_server.backend import load_hf  # noqa: E402
+from student_trainer.demo.teacher_process import TeacherProcess  # noqa: E402
+from student_trainer.trainer.client import TeacherClient  # noqa: E402
+from teacher_server.backends.hf import load_hf  # noqa: E402
 from teacher_server.config import TeacherConfig  # noqa: E402
 from teacher_server.tokenizer import TeacherTokenizer  # noqa: E402
 
@@ -60,7 +60,7 @@ def build_shape(shape: str, out_dir: Path, device: str, dtype: str) -> Path:
     """Saves a random-weight Llama of ``shape`` with the llama-spm tokenizer into ``out_dir``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from student_trainer.assets import load_tokenizer
+    from student_trainer.demo.assets import load_tokenizer
 
     tok = load_tokenizer("llama-spm")
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,

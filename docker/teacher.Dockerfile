@@ -32,7 +32,7 @@ COPY requirements-ci.txt pyproject.toml README.md ./
 COPY protos ./protos
 COPY teacher_server ./teacher_server
 COPY student_trainer ./student_trainer
-RUN pip install -c requirements-ci.txt .
+RUN pip install -c requirements-ci.txt ".[server]"
 
 # Non-root; the cache folders exist and belong to the user, so a fresh named volume mounted there does too.
 RUN useradd --create-home --uid 10001 livefuse \

@@ -1,1 +1,10 @@
-"""livefuse wire format: generated gRPC stubs for ``teacher.proto`` and the packed-array codec."""
+"""The contract between teachers and trainers: what both sides must agree on, and nothing else.
+
+- ``teacher.proto`` (the only definition of the wire format) and its generated stubs ``teacher_pb2*``;
+- ``codec``: packed little-endian arrays; ``scores``: one scored text <-> its ``ScoredText`` message;
+- ``vocabulary``: the tokenizer fingerprint and the raw-vocabulary rules both sides compute;
+- ``logs`` and ``config_errors``: not wire format, but shared by both CLIs (the JSON log line format a
+  process launcher reads, and the one-line-per-field config error). They live here because
+  ``teacher_server`` and ``student_trainer`` may not import each other (see the import-linter contracts
+  in pyproject.toml).
+"""

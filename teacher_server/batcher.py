@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from teacher_server.backend import ScoreOutput
+from teacher_server.backends.base import ScoreOutput
 from teacher_server.metrics import TeacherMetrics
 
 ScoreFn = Callable[[Sequence[np.ndarray], int], list[ScoreOutput]]

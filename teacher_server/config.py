@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BACKEND_NAMES = ("hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from protos.config_errors import format_errors
 
-
-def one_of(value: str, accepted: Iterable[str], field: str) -> str:
-    """``value`` if it is one of ``accepted`` (a tuple or a registry dict), else a ValueError naming all."""
-    if value not in accepted:
-        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(accepted)}")
-    return value
+BackendName = Literal["hf", "vllm"]  # the keys of teacher_server.backends.BACKENDS (a test keeps them equal)
 
 
 class TeacherConfig(BaseModel):
@@ -36,10 +21,13 @@ class TeacherConfig(BaseModel):
     model: str = Field(description="model folder or hub id (any AutoModelForCausalLM)")
     tokenizer: str | None = Field(None, description="tokenizer folder or hub id (default: the model's)")
     gguf_file: str | None = Field(None, description="GGUF file name inside the model folder, if the model is GGUF")
-    backend: str = Field("hf", description="inference backend: hf (transformers; CPU or GPU) | vllm (CUDA only; see docs/VLLM.md)")
+    backend: BackendName = Field("hf", description="inference backend: hf (transformers; CPU or GPU) | vllm (CUDA only; see docs/VLLM.md)")
     device: str = Field("auto", description="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
-    dtype: str = Field("auto", description="compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    attn_implementation: str = Field("auto", description="attention kernel: auto (SDPA where the architecture has it, else eager) | sdpa | eager | flash_attention_2")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="attention kernel: auto (SDPA where the architecture has it, else eager) | sdpa | eager | flash_attention_2")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(None, description="shard one model too big for one GPU over the visible GPUs (then CPU, then disk, as max_memory allows) with accelerate; null: the whole model on device")
+    max_memory: dict[str, str] | None = Field(None, description="with device_map: memory per device in bytes or sizes, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB} (YAML or JSON on the command line)")
+    offload_folder: str | None = Field(None, description="with device_map: folder for weights that fit neither GPU nor CPU memory")
     compile: bool = Field(False, description="torch.compile the model forward (GPU; slow first batches)")
     trust_remote_code: bool = Field(False, description="allow model code from the hub (only for models you trust)")
     add_bos: bool = Field(False, description="prepend the BOS token before scoring (FuseLLM scores without BOS)")
@@ -67,10 +55,15 @@ class TeacherConfig(BaseModel):
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @field_validator("backend", "dtype")
+    @field_validator("max_memory", mode="before")
     @classmethod
-    def _known_name(cls, v: str, info: ValidationInfo) -> str:
-        return one_of(v, BACKEND_NAMES if info.field_name == "backend" else DTYPES, info.field_name)
+    def _memory_mapping(cls, v: object) -> object:
+        """A flag gives the mapping as text: parse it as YAML (JSON is YAML)."""
+        if isinstance(v, str):
+            v = yaml.safe_load(v)
+        if isinstance(v, dict):
+            return {str(k): str(size) for k, size in v.items()}
+        return v
 
     @field_validator("device")
     @classmethod
@@ -90,23 +83,16 @@ class TeacherConfig(BaseModel):
         ]
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("max_memory and offload_folder only apply with device_map (e.g. device_map=auto)")
+        if self.device_map is not None and self.compile:
+            raise ValueError("compile does not apply to a model sharded with device_map; set one of them")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
         for small_name, small, big_name, big in checks:
             if small > big:
                 raise ValueError(f"{small_name}={small} must be <= {big_name}={big}")
         return self
-
-
-def format_errors(err: ValidationError, title: str) -> str:
-    """One line per bad field: dotted path, pydantic's message and the value given (shared with the trainer)."""
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-        lines.append(f"{field}: {e['msg']}{shown}")
-    return f"{title}:\n  " + "\n  ".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TeacherConfig:

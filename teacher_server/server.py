@@ -19,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
-from teacher_server.backend import BACKENDS, Backend
+from teacher_server.backends import load_backend
+from teacher_server.backends.base import Backend
 from teacher_server.batcher import TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.metrics import TeacherMetrics
@@ -110,7 +111,7 @@ class TeacherServer:
         backend, tokenizer = self._given
         if backend is None or tokenizer is None:
             loop = asyncio.get_running_loop()
-            backend, tokenizer = await loop.run_in_executor(None, BACKENDS[self.config.backend], self.config)
+            backend, tokenizer = await loop.run_in_executor(None, load_backend, self.config)
         info = build_info(self.config, backend, tokenizer)
         self.batcher = TokenBudgetBatcher(backend.score, max_batch_tokens=self.config.max_batch_tokens,
                                           max_batch_texts=self.config.max_batch_texts,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer.assets import build_tiny_model
+from student_trainer.demo.assets import build_tiny_model
 
 # (architecture, tokenizer): the paper's families plus GPT-2.
 TINY_MODELS = {

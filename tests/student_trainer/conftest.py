@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from student_trainer.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
-from student_trainer.vocab_cache import cached_vocab_map
+from student_trainer.core.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
+from student_trainer.trainer.vocab_cache import cached_vocab_map
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # (source, target) pairs of the issue: Llama-2 SPM as the target with MPT and GPT-2 as sources, and
@@ -60,7 +60,7 @@ def fake_teacher(tokens: Tokens, vocab_size: int, k: int = 8, seed: int = 0) -> 
 
 @pytest.fixture(scope="session")
 def tokenizers():
-    from student_trainer.assets import load_tokenizer
+    from student_trainer.demo.assets import load_tokenizer
 
     cache: dict[str, object] = {}
 
@@ -103,16 +103,16 @@ def vocab_pair(vocabs, tmp_path_factory):
 # Trainer tests: the target (tiny Llama with the Mistral tokenizer) and two live teachers, per module.
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> Path:
-    from student_trainer.assets import build_tiny_model
+    from student_trainer.demo.assets import build_tiny_model
 
-    from .trainer_helpers import TARGET
+    from .trainer.helpers import TARGET
 
     return build_tiny_model(*TARGET, tmp_path_factory.mktemp("target") / "llama-mistral", seed=7)
 
 
 @pytest.fixture(scope="module")
 def teachers(tiny_model_dirs):
-    from .trainer_helpers import Teacher
+    from .trainer.helpers import Teacher
 
     running = {name: Teacher(tiny_model_dirs[name]) for name in ("gpt2", "mpt")}
     yield running

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from student_trainer.teacher_client import TeacherClient
-from teacher_server.backend import HFBackend, ScoreOutput, load_hf
+from student_trainer.trainer.client import TeacherClient
+from teacher_server.backends.hf import HFBackend, load_hf
 from teacher_server.background import BackgroundServer
 from teacher_server.config import TeacherConfig, load_config
 from teacher_server.tokenizer import TeacherTokenizer
@@ -42,21 +40,3 @@ def clients(servers: dict[str, BackgroundServer]) -> Iterator[dict[str, TeacherC
     yield made
     for client in made.values():
         client.close()
-
-
-class GatedBackend:
-    """Wraps a real backend: each forward waits until the test opens the gate; records what it scored."""
-
-    def __init__(self, inner: HFBackend) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.scored: list[list[int]] = []
-        for attr in ("name", "architecture", "vocab_size", "dtype", "device", "max_positions"):
-            setattr(self, attr, getattr(inner, attr))
-
-    def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
-        self.entered.set()
-        assert self.gate.wait(60), "test never opened the gate"
-        self.scored.extend(s.tolist() for s in batch)
-        return self.inner.score(batch, top_k)

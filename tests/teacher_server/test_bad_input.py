@@ -10,10 +10,11 @@ import pytest
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.trainer.client import TeacherClient
 from teacher_server.background import BackgroundServer
+from tests.doubles import ControlledBackend
 
-from .conftest import GatedBackend, make_config
+from .conftest import make_config
 
 pytestmark = pytest.mark.integration
 
@@ -89,13 +90,13 @@ def test_unknown_method_is_unimplemented(limited):
 def gated(tiny_model_dirs, loaded):
     """A server whose forwards wait for the test to open a gate (real model underneath)."""
     backend, tokenizer = loaded["llama"]
-    gate = GatedBackend(backend)
+    gate = ControlledBackend(backend, hold_after=0)
     config = make_config(tiny_model_dirs["llama"], max_queue_tokens=64, max_tokens_per_request=64,
                          max_tokens_per_text=64, max_batch_tokens=64, warmup=False)
     server = BackgroundServer(config, gate, tokenizer).start()
     client = TeacherClient(f"127.0.0.1:{server.port}", timeout=30)
     yield gate, client
-    gate.gate.set()
+    gate.release.set()
     client.close()
     server.stop()
 
@@ -117,13 +118,13 @@ def _in_background(fn, *args):
 def test_full_queue_answers_resource_exhausted(gated):
     gate, client = gated
     busy, _ = _in_background(client.score, ["first text in the forward"], 2)
-    assert gate.entered.wait(10)
+    assert gate.held.wait(10)
     fill, fill_box = _in_background(client.score, ["word " * 50], 2)  # ~50 tokens wait in the queue
     time.sleep(0.5)
     with pytest.raises(grpc.RpcError) as err:
         client.score(["word " * 30], top_k=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.value.details()
-    gate.gate.set()
+    gate.release.set()
     busy.join(30)
     fill.join(30)
     assert "value" in fill_box and client.score(["after"], top_k=2)
@@ -132,7 +133,7 @@ def test_full_queue_answers_resource_exhausted(gated):
 def test_cancelled_request_is_dropped_before_the_forward(gated, loaded):
     gate, client = gated
     busy, _ = _in_background(client.score, ["occupies the forward"], 2)
-    assert gate.entered.wait(10)
+    assert gate.held.wait(10)
     future = client.stub.Score.future(client.request(["never scored, caller left"], top_k=2), timeout=30)
     time.sleep(0.3)
     future.cancel()
@@ -140,7 +141,7 @@ def test_cancelled_request_is_dropped_before_the_forward(gated, loaded):
         lambda: client.stub.Score(client.request(["deadline passes in the queue"], top_k=2), timeout=0.5))
     expired.join(10)
     assert expired_box["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    gate.gate.set()
+    gate.release.set()
     busy.join(30)
     assert client.score(["after"], top_k=2)
     tokenizer = loaded["llama"][1]

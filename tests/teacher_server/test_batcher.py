@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teacher_server.backend import ScoreOutput
+from teacher_server.backends.base import ScoreOutput
 from teacher_server.batcher import QueueFull, TokenBudgetBatcher, pick_window
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from teacher_server.__main__ import build_parser
 from teacher_server.config import TeacherConfig, load_config
+from tests import REPO
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -56,8 +57,19 @@ def test_cli_flags_cover_every_field_and_only_given_flags_override(tmp_path):
 
 
 def test_readme_documents_every_setting():
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (REPO / "docs" / "TEACHER.md").read_text()
     for name in TeacherConfig.model_fields:
         assert f"| `{name}` | `--{name.replace('_', '-')}` |" in readme, name
+
+
+def test_backend_names_are_the_registry_and_flags_list_choices(capsys):
+    import typing
+
+    from teacher_server.backends import BACKENDS
+
+    assert set(typing.get_args(TeacherConfig.model_fields["backend"].annotation)) == set(BACKENDS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--dtype", "fp8"])
+    err = capsys.readouterr().err
+    assert "argument --dtype: invalid choice: 'fp8'" in err and "bfloat16" in err

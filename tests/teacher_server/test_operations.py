@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.teacher_process import TeacherProcess
+from student_trainer.demo.teacher_process import TeacherProcess
+from student_trainer.trainer.client import TeacherClient
 from teacher_server.background import BackgroundServer
 from teacher_server.tokenizer import tokenizer_fingerprint
 
@@ -40,7 +40,7 @@ def test_info_and_vocab_describe_the_model_and_tokenizer(name, clients, tiny_mod
 
 
 def test_fingerprints_depend_on_tokenizer_content_not_name(clients):
-    from student_trainer.assets import load_tokenizer
+    from student_trainer.demo.assets import load_tokenizer
 
     prints = {clients[n].info().tokenizer_fingerprint for n in clients}
     assert len(prints) == len(clients)  # four different tokenizers

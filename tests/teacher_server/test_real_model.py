@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from protos import teacher_pb2 as pb
-from student_trainer.assets import SMOLLM2_GGUF, smollm2_dir
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.demo.assets import SMOLLM2_GGUF, smollm2_dir
+from student_trainer.trainer.client import TeacherClient
 from teacher_server.background import BackgroundServer
 
 from .conftest import make_config

@@ -17,8 +17,9 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import teacher_pb2 as pb
-from student_trainer.teacher_client import ClientTLS, TeacherClient
+from student_trainer.trainer.client import ClientTLS, TeacherClient
 from teacher_server.background import BackgroundServer
+from tests import REPO
 
 from .conftest import make_config
 
@@ -95,7 +96,7 @@ def test_valid_certificate_and_token_are_served(secure_server, pki):
         assert c.info().architecture == "GPT2LMHeadModel"
         assert c.score(["hello over TLS"], top_k=3)[0].topk_ids.shape[1] == 3
         assert len(c.vocab()) == c.info().vocab_size
-        assert len(c.score_many([["a"], ["b"]], top_k=2)) == 2
+        assert len(list(c.score_stream([c.request(["a"], 2), c.request(["b"], 2)]))) == 2
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x"])
@@ -155,14 +156,14 @@ def test_server_tls_without_client_certificates_and_token_over_plaintext(tiny_mo
 
 
 def test_trainer_source_connects_with_tls_and_token(secure_server, pki, tmp_path):
-    from student_trainer.config import SourceConfig
-    from student_trainer.teachers import Source
+    from student_trainer.trainer.config import SourceConfig
+    from student_trainer.trainer.sources import Source
 
     good = pki["good"]
     config = SourceConfig(name="secure", endpoints=[f"127.0.0.1:{secure_server.port}"], auth_token_file=pki["token"]["path"],
                           tls={"ca_cert": good["ca"], "client_cert": good["client_cert"],
                                "client_key": good["client_key"]})
-    source = Source(config, ["a", "b", "Ġc"], "sha256:target", tmp_path, connect_timeout=10)
+    source = Source.connect(config, ["a", "b", "Ġc"], "sha256:target", tmp_path, connect_timeout=10)
     try:
         (out,) = source.fetch(["fetched through TLS and a token"])
         assert out.topk_ids.shape[1] == config.top_k
@@ -175,7 +176,7 @@ def test_security_settings_are_checked_at_load(tmp_path):
         make_config(tmp_path, tls_cert="server.pem")
     with pytest.raises(ValueError, match="tls_client_ca needs TLS"):
         make_config(tmp_path, tls_client_ca="ca.pem")
-    from student_trainer.config import SourceConfig
+    from student_trainer.trainer.config import SourceConfig
 
     with pytest.raises(ValueError, match="auth_token_file: file '/nope/token' does not exist"):
         SourceConfig(name="s", endpoints=["h:1"], auth_token_file="/nope/token")
@@ -183,7 +184,7 @@ def test_security_settings_are_checked_at_load(tmp_path):
 
 def test_no_code_executing_format_crosses_the_wire():
     """Only protobuf messages: no pickle/marshal/dill anywhere in the server, the client or the wire code."""
-    root = Path(__file__).resolve().parents[2]
+    root = REPO
     for package in ("teacher_server", "protos", "student_trainer"):
         for path in (root / package).glob("*.py"):
             text = path.read_text()

@@ -1,0 +1,162 @@
+"""Losses on sparse teacher targets: ``L = λ·L_CLM + (1−λ)·L_fuse``, never a dense (B, T, V) target.
+
+Pure torch. The teacher side is ``ids (B, T, K)`` + ``logprobs (B, T, K)`` (temperature-1 log-probs,
+``-inf`` = no entry); the student side is ``logits (B, T, V)``. The loss gathers the student's
+log-softmax at the K kept ids. Forward and backward both run over chunks of T in fp32, and the
+backward recomputes the softmax per chunk instead of keeping it, so extra memory is one
+``(B, chunk, V)`` fp32 block; the only (B, T, V) tensor made is the logits' gradient itself.
+
+Numerics: fp32; teacher probabilities are softmax(logprobs/τ) renormalised over the kept entries; a
+position counts if ``mask`` is set and its row has an entry; the sum is divided by the number of
+counted positions (or by ``num_tokens``, the global count under gradient accumulation); an
+all-masked batch gives 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DEFAULT_CHUNK = 256
+
+
+def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logprobs/τ) over the finite entries of each row, fp32; an empty row gives zeros.
+
+    ``logprobs (..., K)`` → ``(..., K)``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logprobs.float() / temperature
+    empty = ~torch.isfinite(z).any(dim=-1, keepdim=True)
+    z = z.masked_fill(empty, 0.0)
+    return torch.softmax(z, dim=-1).masked_fill(empty, 0.0)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 logits are computed in fp32; fp64 stays fp64)."""
+    return x.float() if x.element_size() < 4 else x
+
+
+class _SparseCrossEntropy(torch.autograd.Function):
+    """Σ_positions w · (−Σ_k c_k·P_k · log softmax(z)[ids_k]), chunked over T in forward and backward.
+
+    Entries ``[:split]`` are scaled by c = ``lam``, the rest by c = 1 − ``lam`` (split = 0: one plain
+    soft CE). Returns the scaled total (differentiable) and the two unscaled parts (for logging), so
+    λ·CLM + (1−λ)·fusion is one pass over the logits with one (B, T, V) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor,
+                chunk: int, split: int = 0, lam: float = 0.0):
+        parts = _upcast(logits.new_zeros(2))
+        for s in range(0, logits.shape[1], chunk):
+            z = _upcast(logits[:, s:s + chunk])
+            logq = z.gather(-1, ids[:, s:s + chunk]) - torch.logsumexp(z, dim=-1, keepdim=True)
+            nll = -(probs[:, s:s + chunk] * logq) * weight[:, s:s + chunk].unsqueeze(-1)
+            parts[0] += nll[..., :split].sum()
+            parts[1] += nll[..., split:].sum()
+        ctx.save_for_backward(logits, ids, probs, weight)
+        ctx.chunk, ctx.split, ctx.lam = chunk, split, lam
+        total = lam * parts[0] + (1.0 - lam) * parts[1] if split else parts[1].clone()
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_parts: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, ids, probs, weight = ctx.saved_tensors
+        if ctx.split:
+            scale = torch.full((probs.shape[-1],), 1.0 - ctx.lam, dtype=probs.dtype, device=probs.device)
+            scale[:ctx.split] = ctx.lam
+            probs = probs * scale
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[1], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            p, w = probs[:, sl], weight[:, sl] * grad
+            g = torch.softmax(_upcast(logits[:, sl]), dim=-1) * p.sum(-1, keepdim=True)
+            g.scatter_add_(-1, ids[:, sl], -p.to(g.dtype))
+            out[:, sl] = (g * w.unsqueeze(-1)).to(logits.dtype)
+        return out, None, None, None, None, None, None
+
+
+def _weights(mask: torch.Tensor, probs: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
+    """Per-position weight ``(B, T)``: counted positions over the normaliser, 0 elsewhere."""
+    counted = mask.bool() & (probs.sum(-1) > 0)
+    denom = float(counted.sum()) if num_tokens is None else float(num_tokens)
+    return counted.float() / max(denom, 1.0)
+
+
+def sparse_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+                         mask: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+                         num_tokens: float | None = None) -> torch.Tensor:
+    """Soft cross-entropy −Σ P·log q, averaged over counted positions. Returns a scalar fp32 tensor.
+
+    ``logits (B, T, V)``, ``target_ids (B, T, K)`` int64, ``target_logprobs (B, T, K)``,
+    ``mask (B, T)`` bool (False = ignore, e.g. padding).
+    """
+    probs = teacher_probs(target_logprobs, temperature)
+    weight = _weights(mask, probs, num_tokens)
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0]
+
+
+def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+              mask: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+              num_tokens: float | None = None) -> torch.Tensor:
+    """Forward KL(P ‖ q) = soft CE − H(P); same gradient as the soft CE, 0 when q matches P on its ids."""
+    probs = teacher_probs(target_logprobs, temperature)
+    weight = _weights(mask, probs, num_tokens)
+    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
+    entropy = -(plogp.sum(-1) * weight).sum()
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0] - entropy
+
+
+def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, *,
+             chunk_size: int = DEFAULT_CHUNK, num_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position i predicts ``input_ids[:, i+1]``; the last position is unused.
+
+    ``logits (B, T, V)``, ``input_ids (B, T)``, ``mask (B, T)`` on the predicting positions.
+    """
+    ids = torch.zeros_like(input_ids, dtype=torch.long)
+    ids[:, :-1] = input_ids[:, 1:]
+    lp = torch.full(ids.shape, float("-inf"), device=logits.device)
+    lp[:, :-1] = 0.0
+    return sparse_cross_entropy(logits, ids.unsqueeze(-1), lp.unsqueeze(-1), mask,
+                                chunk_size=chunk_size, num_tokens=num_tokens)
+
+
+def clm_and_fusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                        target_logprobs: torch.Tensor, mask: torch.Tensor, *, lam: float = 0.9,
+                        temperature: float = 1.0, kind: str = "ce", chunk_size: int = DEFAULT_CHUNK,
+                        num_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ·CLM + (1−λ)·fusion in one pass: the gold next token is entry 0 of a (K+1)-wide sparse target.
+
+    Equal to ``λ·clm_loss(...) + (1−λ)·sparse_cross_entropy(...)`` (or ``sparse_kl``) when both
+    parts are normalised by the same ``num_tokens`` (the trainer's case), with one (B, T, V) gradient
+    instead of two. Returns (total, clm, fusion); the last two are detached, for logging.
+    ``logits (B, T, V)``, ``input_ids (B, T)``, ``target_ids``/``target_logprobs (B, T, K)``, ``mask (B, T)``.
+    """
+    if kind not in FUSION_LOSSES:
+        raise ValueError(f"unknown fusion loss {kind!r}; valid: {sorted(FUSION_LOSSES)}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    gold = torch.zeros_like(input_ids, dtype=torch.long)
+    gold[:, :-1] = input_ids[:, 1:]
+    teacher = teacher_probs(target_logprobs, temperature)
+    gold_p = torch.zeros(gold.shape + (1,), dtype=teacher.dtype, device=teacher.device)
+    gold_p[:, :-1] = 1.0
+    counted = mask.bool()
+    weight = counted.float() / max(float(counted.sum()) if num_tokens is None else float(num_tokens), 1.0)
+    ids = torch.cat([gold.unsqueeze(-1), target_ids.long()], dim=-1)
+    probs = torch.cat([gold_p, teacher], dim=-1)
+    total, parts = _SparseCrossEntropy.apply(logits, ids, probs, weight, chunk_size, 1, lam)
+    fusion = parts[1]
+    if kind == "kl":  # KL = CE − H(P); H(P) has no gradient
+        plogp = torch.where(teacher > 0, teacher * torch.log(teacher.clamp_min(1e-30)), torch.zeros_like(teacher))
+        entropy = -(plogp.sum(-1) * weight).sum()
+        total, fusion = total - (1.0 - lam) * entropy, fusion - entropy
+    return total, parts[0], fusion
+
+
+FusionLoss = Callable[..., torch.Tensor]
+FUSION_LOSSES: dict[str, FusionLoss] = {"ce": sparse_cross_entropy, "kl": sparse_kl}

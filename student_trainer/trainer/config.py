@@ -1,0 +1,217 @@
+"""Trainer configuration: typed, loaded from YAML, overridden by ``key=value`` arguments, validated on load.
+
+    livefuse-train --config configs/demo.yaml method.fusion=avg_ce train.max_steps=50
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from protos.config_errors import format_errors
+
+# The method names are the keys of the core's registries (ALIGNERS, FUSIONS, SEQUENCE_CE, AVG_WEIGHTS,
+# FUSION_LOSSES); spelled out here so reading a config never imports torch, and a test keeps them equal.
+AlignerName = Literal["mined", "offsets"]
+FusionName = Literal["min_ce", "avg_ce"]
+CENormalization = Literal["token", "char"]
+AvgWeighting = Literal["paper", "softmax"]
+FusionLossName = Literal["ce", "kl"]
+FailurePolicy = Literal["wait", "skip", "fail"]
+
+
+def _existing_file(path: str | None, field: str) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{field}: file {path!r} does not exist")
+    return path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    model: str = Field(description="target model folder or hub id (its initial weights)")
+    tokenizer: str | None = Field(None, description="target tokenizer (default: the model's)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loading")
+
+
+class SourceTLS(_Strict):
+    ca_cert: str | None = Field(None, description="PEM CA bundle that signed the teacher's certificate (None: system roots)")
+    client_cert: str | None = Field(None, description="PEM client certificate for mutual TLS")
+    client_key: str | None = Field(None, description="PEM private key of client_cert")
+    server_name: str | None = Field(None, description="name to check in the teacher's certificate (default: endpoint host)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> SourceTLS:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("tls.client_cert and tls.client_key go together")
+        for name in ("ca_cert", "client_cert", "client_key"):
+            _existing_file(getattr(self, name), f"tls.{name}")
+        return self
+
+
+class SourceConfig(_Strict):
+    name: str = Field(description="name used in logs and metrics")
+    endpoints: list[str] = Field(min_length=1, description="host:port of each replica of this source")
+    top_k: int = Field(10, ge=1, description="top-k entries per position requested from the teacher")
+    timeout_s: float = Field(120.0, gt=0, description="deadline of one Score call")
+    failure: FailurePolicy = Field("wait", description="what to do when the source fails: wait | skip | fail")
+    wait_max_s: float = Field(600.0, gt=0, description="policy 'wait': give up after this many seconds")
+    texts_per_request: int = Field(16, ge=1, description="texts sent per Score request")
+    tls: SourceTLS | None = Field(None, description="TLS settings (absent: plaintext)")
+    auth_token_file: str | None = Field(None, description="file holding the teacher's bearer token")
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _token_file(cls, v: str | None) -> str | None:
+        return _existing_file(v, "auth_token_file")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for e in v:
+            host, _, port = e.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"endpoint {e!r} is not host:port")
+        return v
+
+
+class MethodConfig(_Strict):
+    aligner: AlignerName = Field("mined", description="token aligner: mined | offsets")
+    fusion: FusionName = Field("min_ce", description="fusion: min_ce | avg_ce")
+    ce_normalization: CENormalization = Field("token", description="per-sequence CE: token (paper) | char")
+    avg_weighting: AvgWeighting = Field("softmax", description="avg_ce weights: paper | softmax (softmax(-CE/tau))")
+    avg_tau: float = Field(1.0, gt=0, description="tau of the softmax AvgCE weights")
+    lambda_clm: float = Field(0.9, ge=0, le=1, description="λ in λ·CLM + (1−λ)·fusion")
+    temperature: float = Field(1.0, gt=0, description="teacher temperature")
+    fusion_loss: FusionLossName = Field("ce", description="fusion loss: ce (soft cross-entropy) | kl")
+
+
+# file extension -> the ``datasets`` builder that reads it (student_trainer.trainer.data)
+DATA_FILE_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
+                   ".parquet": "parquet"}
+
+
+class DataConfig(_Strict):
+    train_files: list[str] = Field(min_length=1, description="local .txt / .jsonl / .json / .parquet files")
+    validation_files: list[str] = Field(default_factory=list, description="held-out files (else split)")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out when no validation_files")
+    text_field: str = Field("text", description="field holding the text in JSON / parquet rows")
+    seq_len: int = Field(512, ge=8, description="target tokens per training block")
+    shuffle_seed: int = Field(0, description="seed of the per-epoch block order")
+    min_block_tokens: int = Field(16, ge=2, description="drop trailing blocks shorter than this")
+
+    @field_validator("train_files", "validation_files")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if Path(path).suffix.lower() not in DATA_FILE_KINDS:
+                raise ValueError(f"data file {path!r} has an unknown extension; accepted: {', '.join(DATA_FILE_KINDS)}")
+        return v
+
+    def check_inputs(self) -> None:
+        """Every data file exists and is readable here (not part of validation: a config may be checked for
+        another machine, e.g. a container's)."""
+        for field in ("train_files", "validation_files"):
+            for path in getattr(self, field):
+                if not Path(path).is_file() or not os.access(path, os.R_OK):
+                    raise ValueError(f"data.{field}: data file {path!r} does not exist or is not readable")
+
+
+class TrainConfig(_Strict):
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config (ZeRO, precision, optimizer, ...)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (else epochs)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training blocks when max_steps is unset")
+    seed: int = Field(0, description="model / RNG seed")
+
+
+class RunConfig(_Strict):
+    output_dir: str = Field(description="checkpoints, metrics.jsonl, TensorBoard logs and the export go here")
+    log_every: int = Field(1, ge=1, description="steps between metric lines")
+    summary_every: int = Field(50, ge=0, description="steps between text summaries in the log (0: never)")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
+    eval_blocks: int = Field(64, ge=1, description="held-out blocks per evaluation")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    prefetch_depth: int = Field(4, ge=1, description="micro-batches fetched and aligned ahead of training")
+    export: bool = Field(True, description="save_pretrained the final model + tokenizer to output_dir/final")
+    resume: bool = Field(True, description="continue from the latest checkpoint in output_dir if there is one")
+    vocab_cache_dir: str | None = Field(None, description="where vocab maps are cached (default: the livefuse cache)")
+    connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for each source at start")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class TrainerConfig(_Strict):
+    target: ModelConfig
+    sources: list[SourceConfig] = Field(default_factory=list, description="source teachers (empty: CLM only)")
+    method: MethodConfig = MethodConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    run: RunConfig
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TrainerConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: duplicate names {dupes}; each source needs its own name")
+        if self.method.lambda_clm < 1.0 and not self.sources:
+            raise ValueError("method.lambda_clm < 1 needs at least one source; set lambda_clm=1 for CLM only")
+        return self
+
+
+def _child(node: Any, part: str, last: bool) -> Any:
+    """Steps into ``node[part]``; a list index equal to the length appends a new item."""
+    if not isinstance(node, list):
+        return node if last else node.setdefault(part, {})
+    index = int(part)
+    if not 0 <= index <= len(node):
+        raise IndexError(f"list index {index} is out of range; the list has {len(node)} item(s)")
+    if index == len(node):
+        node.append(None if last else {})
+    return node if last else node[index]
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][2] = value`` for ``key = "a.b.2"``; ``sources.N=...`` with N = len(sources) appends.
+
+    Hand-written on purpose: OmegaConf's dotlist refuses an index past the end (ConfigIndexError), and
+    appending a source from the command line is what users need; this is 15 lines and one dependency less.
+    """
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = _child(node, part, last=False)
+    node = _child(node, parts[-1], last=True)
+    node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+
+
+def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None,
+                        check_inputs: bool = True) -> TrainerConfig:
+    """YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then validation; with
+    ``check_inputs`` also that the data exists here (off: checking a config meant for another machine)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. method.fusion=avg_ce)")
+        try:
+            _set_dotted(data, key, yaml.safe_load(raw))
+        except (IndexError, ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"override {item!r}: cannot set {key}: {err}") from None
+    try:
+        config = TrainerConfig(**data)
+    except ValidationError as err:
+        raise ValueError(format_errors(err, "invalid trainer config")) from None
+    if check_inputs:
+        config.data.check_inputs()
+    return config

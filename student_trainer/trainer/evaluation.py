@@ -1,0 +1,61 @@
+"""Held-out evaluation: the student's perplexity (per token and per character) and each source's CE on
+the same held-out text, per character too, since tokenizers differ in granularity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from student_trainer.core.fusion import predicted_chars
+from student_trainer.trainer.data import Block, collate, loss_mask
+from student_trainer.trainer.sources import Source
+
+
+@torch.no_grad()
+def nll_sums(model, blocks: Sequence[Block], pad_id: int, micro_batch: int) -> np.ndarray:
+    """[summed NLL, predicted tokens, covered characters] of a causal LM over ``blocks``.
+
+    ``model``: a DeepSpeed engine (the trainer's eval) or a plain transformers model (the demo's table);
+    anything called as ``model(input_ids=..., attention_mask=...).logits``. The one evaluator of livefuse.
+    """
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    sums = np.zeros(3)
+    was_training = module.training
+    module.eval()
+    for s in range(0, len(blocks), micro_batch):
+        batch = collate(-1, list(blocks[s:s + micro_batch]), pad_id)
+        ids = torch.from_numpy(batch.input_ids).to(device)
+        logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch.attention_mask).to(device)).logits
+        logp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = torch.from_numpy(loss_mask(batch.attention_mask)[:, :-1]).to(device)
+        sums[0] += float(-(logp * mask).sum())
+        sums[1] += float(mask.sum())
+        sums[2] += sum(predicted_chars(b.offsets) for b in batch.blocks)
+    module.train(was_training)
+    return sums
+
+
+def teacher_sums(next_logprobs: Sequence[np.ndarray], offsets: Sequence[np.ndarray]) -> np.ndarray:
+    """[summed NLL, predicted tokens, covered characters] of a teacher from its scores (its own tokens)."""
+    sums = np.zeros(3)
+    for lp, offs in zip(next_logprobs, offsets, strict=True):
+        sums += [-float(np.sum(lp, dtype=np.float64)), len(lp), predicted_chars(offs)]
+    return sums
+
+
+def source_sums(source: Source, blocks: Sequence[Block]) -> np.ndarray:
+    """:func:`teacher_sums` of a source on the texts of ``blocks``."""
+    outputs = source.fetch([b.text for b in blocks]) or []
+    return teacher_sums([o.next_logprobs for o in outputs], [o.tokens.offsets for o in outputs])
+
+
+def summarise(sums: np.ndarray) -> dict[str, float]:
+    nll, tokens, chars = (float(x) for x in sums)
+    if tokens == 0:
+        return {"ce_per_token": float("nan"), "perplexity": float("nan"), "nats_per_char": float("nan")}
+    return {"ce_per_token": nll / tokens, "perplexity": math.exp(min(nll / tokens, 50.0)),
+            "nats_per_char": nll / max(chars, 1)}

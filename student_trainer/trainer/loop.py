@@ -1,0 +1,127 @@
+"""The training loop: λ·CLM + (1−λ)·fusion with teacher distributions fetched live, under DeepSpeed.
+
+    livefuse-train --config configs/tiny_cpu.yaml                      # one process
+    deepspeed --num_gpus 8 -m student_trainer --config run.yaml        # many GPUs (or torchrun)
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches. Losses are normalised by the number of
+predicted tokens in the whole step, over all micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from student_trainer.core.losses import clm_and_fusion_loss, clm_loss
+from student_trainer.trainer import checkpoint
+from student_trainer.trainer.config import TrainerConfig
+from student_trainer.trainer.prefetch import Prefetcher, Prepared
+from student_trainer.trainer.run_setup import Run, build_run
+from student_trainer.trainer.sources import SourceChanged, SourceFailed
+from student_trainer.trainer.stats import FusionStats, StepRecord
+from student_trainer.trainer.stopping import Interrupted, Position, StopFlag
+
+log = logging.getLogger("livefuse.trainer")
+
+
+def _tensor(x, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(x).to(device)
+
+
+def micro_loss(run: Run, p: Prepared, num_tokens: float) -> tuple[torch.Tensor, float, float]:
+    """Loss of one micro-batch (scaled for the step's global token count) and its CLM / fusion parts."""
+    device, method = run.engine.device, run.config.method
+    ids = _tensor(p.batch.input_ids, device)
+    logits = run.engine(input_ids=ids, attention_mask=_tensor(p.batch.attention_mask, device)).logits
+    mask = _tensor(p.loss_mask, device)
+    if method.lambda_clm >= 1.0 or p.fuse_ids is None:
+        clm = clm_loss(logits, ids, mask, num_tokens=num_tokens)
+        return clm, float(clm.detach()), 0.0
+    loss, clm, fuse = clm_and_fusion_loss(logits, ids, _tensor(p.fuse_ids, device), _tensor(p.fuse_logprobs, device),
+                                          mask, lam=method.lambda_clm, temperature=method.temperature,
+                                          kind=method.fusion_loss, num_tokens=num_tokens)
+    return loss, float(clm), float(fuse)
+
+
+def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None) -> StepRecord:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+    All micro-batches are fetched before any update, so a failure (or a stop request) loses nothing; the
+    ranks agree on a stop request in the same all-reduce as the token count, and then no rank updates.
+    """
+    gas, world = run.engine.gradient_accumulation_steps(), run.world
+    window = [prefetcher.get(stop if world == 1 else None) for _ in range(gas)]  # more ranks: they agree below
+    count = torch.tensor([float(sum(p.loss_mask.sum() for p in window)), float(bool(stop and stop.requested))],
+                         device=run.engine.device)
+    if world > 1:
+        dist.all_reduce(count)
+    if count[1] > 0:
+        raise Interrupted("stop requested")
+    num_tokens = max(float(count[0]), 1.0) / (gas * world)  # DeepSpeed divides by gas and averages over ranks
+    totals = torch.zeros(3, device=run.engine.device)
+    for p in window:
+        loss, clm, fuse = micro_loss(run, p, num_tokens)
+        run.engine.backward(loss)
+        run.engine.step()
+        totals += torch.tensor([float(loss.detach()), clm, fuse], device=run.engine.device)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, clm, fuse = (totals / (gas * world)).tolist()  # = sums over the step / global token count
+    return StepRecord(0, loss, clm, fuse, float(count[0]), fusion=FusionStats.total([p.stats for p in window]))
+
+
+def _run_steps(run: Run, prefetcher: Prefetcher, at: Position, stop: StopFlag) -> None:
+    """Steps until ``max_steps``; ``at`` always names the last completed step (for a checkpoint on exit)."""
+    cfg, ckpt_dir = run.config.run, Path(run.config.run.output_dir) / "checkpoints"
+    gas = run.engine.gradient_accumulation_steps()
+    while at.step < run.max_steps:
+        t0 = time.perf_counter()
+        wait0, lr = prefetcher.wait_seconds, run.engine.get_lr()[0]  # the lr this step uses
+        record = train_step(run, prefetcher, stop)
+        at.step, at.micro_index = at.step + 1, at.micro_index + gas
+        record.step, record.lr = at.step, lr
+        record.step_seconds, record.teacher_wait_seconds = time.perf_counter() - t0, prefetcher.wait_seconds - wait0
+        run.logger.step(record)
+        if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
+            checkpoint.save(run.engine, ckpt_dir, at.step, at.micro_index)
+        if cfg.eval_every and at.step % cfg.eval_every == 0 and at.step < run.max_steps:
+            run.logger.eval(at.step, run.evaluate())
+
+
+def train(config: TrainerConfig) -> dict[str, float]:
+    """Runs (or resumes) the configured training; returns the final metrics.
+
+    Ctrl-C or SIGTERM stops at the next step boundary, saves a checkpoint and raises ``Interrupted`` (a second
+    Ctrl-C stops at once, without one); a source failure saves one and raises ``SourceFailed``/``SourceChanged``.
+    Sources, prefetcher and logs are closed on every exit. Rerunning the same command resumes.
+    """
+    run = build_run(config)
+    ckpt_dir = Path(config.run.output_dir) / "checkpoints"
+    at, prefetcher = Position(), None
+    with StopFlag() as stop:
+        try:
+            resumed = checkpoint.load(run.engine, ckpt_dir) if config.run.resume else None
+            if resumed is not None:
+                at.step, at.micro_index = resumed
+                run.logger.info(f"resumed from step {at.step} (micro-batch {at.micro_index})")
+            run.logger.open_metrics(after_step=at.step)
+            fusing = run.sources if config.method.lambda_clm < 1.0 else []  # λ = 1: nothing to fetch
+            prefetcher = Prefetcher(run.sampler.batch, fusing, config.method, at.micro_index,
+                                    config.run.prefetch_depth)
+            _run_steps(run, prefetcher, at, stop)
+            checkpoint.save(run.engine, ckpt_dir, at.step, at.micro_index)
+            final = run.evaluate()
+            run.logger.eval(at.step, final)
+            if config.run.export:
+                run.export(Path(config.run.output_dir) / "final")
+            return final
+        except (SourceFailed, SourceChanged, Interrupted) as err:
+            checkpoint.save(run.engine, ckpt_dir, at.step, at.micro_index)
+            run.logger.info(f"stopped at step {at.step}: {err}; checkpoint saved, rerun the same command to resume")
+            raise
+        finally:
+            run.close(prefetcher)

@@ -1,0 +1,124 @@
+"""The trainer's side of each source: one channel over its replicas, its vocabulary mapped into the
+target's once, and the failure policy (wait / skip / fail) around every fetch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos import teacher_pb2 as pb
+from student_trainer.core.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
+from student_trainer.trainer.client import ClientTLS, FingerprintMismatch, TeacherClient
+from student_trainer.trainer.config import SourceConfig
+from student_trainer.trainer.vocab_cache import cached_vocab_map
+
+log = logging.getLogger("livefuse.trainer.sources")
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+class SourceFailed(RuntimeError):
+    """A source is down and its policy says stop (``fail``, or ``wait`` past ``wait_max_s``)."""
+
+
+class SourceChanged(RuntimeError):
+    """A source came back serving another tokenizer: its outputs would be garbage in the cached mapping."""
+
+
+class Source:
+    """One source: a client over its replicas, its vocabulary pair, the failure policy. ``connect`` builds it."""
+
+    def __init__(self, config: SourceConfig, client: TeacherClient, info: pb.TeacherInfo, pair: VocabPair) -> None:
+        self.config, self.name = config, config.name
+        self.client, self.info, self.pair = client, info, pair
+        self._broken_since: float | None = None
+        self._closed = threading.Event()
+
+    @classmethod
+    def connect(cls, config: SourceConfig, target_vocab: Sequence[str], target_fingerprint: str,
+                cache_dir: Path, connect_timeout: float = 60.0) -> Source:
+        """Connects to the teacher, checks its limits and maps its vocabulary into the target's (cached)."""
+        # under "skip" a dead source should cost little per batch: one gRPC-level retry, then skip
+        attempts = 2 if config.failure == "skip" else 5
+        tls = ClientTLS(**config.tls.model_dump()) if config.tls is not None else None
+        token = Path(config.auth_token_file).read_text().strip() if config.auth_token_file else None
+        client = TeacherClient(config.endpoints, timeout=config.timeout_s, max_attempts=attempts, tls=tls, token=token)
+        try:
+            info = client.info(timeout=connect_timeout)
+            vocab = client.vocab(timeout=max(connect_timeout, config.timeout_s))
+        except grpc.RpcError as err:
+            client.close()
+            raise SourceFailed(f"source {config.name!r} at {', '.join(config.endpoints)} is not reachable "
+                               f"({err.code().name}: {err.details()}); is the teacher running?") from None
+        if config.top_k > info.max_top_k:
+            client.close()
+            raise ValueError(f"sources[{config.name}].top_k={config.top_k} exceeds the teacher's "
+                             f"max_top_k={info.max_top_k}")
+        vmap = cached_vocab_map(vocab, target_vocab, info.tokenizer_fingerprint, target_fingerprint, cache_dir)
+        return cls(config, client, info, make_vocab_pair(vocab, target_vocab, vmap))
+
+    def close(self) -> None:
+        """Closes the channel: in-flight and later fetches end with SourceFailed instead of retrying."""
+        self._closed.set()
+        self.client.close()
+
+    def _score(self, texts: Sequence[str]) -> list[TeacherOutput]:
+        n = self.config.texts_per_request
+        out: list[TeacherOutput] = []
+        for s in range(0, len(texts), n):
+            for r in self.client.score(texts[s:s + n], top_k=self.config.top_k, truncate=True,
+                                       expect_fingerprint=self.info.tokenizer_fingerprint):
+                tokens = Tokens(r.input_ids.astype(np.int64), r.offsets.astype(np.int64))
+                out.append(TeacherOutput(tokens, r.topk_ids.astype(np.int64), r.topk_logprobs.astype(np.float32),
+                                         r.next_logprobs.astype(np.float32)))
+        return out
+
+    def fetch(self, texts: Sequence[str]) -> list[TeacherOutput] | None:
+        """Teacher outputs for ``texts``; None when the source is down and its policy is ``skip``."""
+        backoff = 0.5
+        while True:
+            if self._closed.is_set():
+                raise SourceFailed(f"source {self.name!r} was closed")
+            try:
+                result = self._score(texts)
+                if self._broken_since is not None:
+                    log.warning("source back", extra={"fields": {"source": self.name}})
+                    self._broken_since = None
+                return result
+            except FingerprintMismatch as err:  # checked on every response, retries or not
+                raise SourceChanged(
+                    f"source {self.name!r} came back with tokenizer {err.got} (it was {err.expected}). "
+                    "Restart the run with the right teacher, or give the source a new name") from None
+            except grpc.RpcError as err:
+                if self._closed.is_set():
+                    raise SourceFailed(f"source {self.name!r} was closed") from None
+                if err.code() not in TRANSIENT:
+                    raise SourceFailed(f"source {self.name!r} refused a request: {err.code().name}: "
+                                       f"{err.details()}") from None
+                backoff = self._on_failure(err, backoff)
+                if backoff < 0:
+                    return None
+
+    def _on_failure(self, err: grpc.RpcError, backoff: float) -> float:
+        """Applies the policy; returns the next backoff, or -1 to skip."""
+        now = time.monotonic()
+        if self._broken_since is None:
+            self._broken_since = now
+            log.warning("source failing", extra={"fields": {"source": self.name, "code": err.code().name,
+                                                            "details": err.details(),
+                                                            "policy": self.config.failure}})
+        what = f"source {self.name!r} failed: {err.code().name}: {err.details()}"
+        if self.config.failure == "fail":
+            raise SourceFailed(what)
+        if self.config.failure == "skip":  # counted per sequence in the step metrics (skipped/<name>)
+            return -1
+        if now - self._broken_since > self.config.wait_max_s:
+            raise SourceFailed(f"{what}; it did not come back within wait_max_s={self.config.wait_max_s}")
+        self._closed.wait(backoff)  # close() ends the wait
+        return min(backoff * 2, 10.0)

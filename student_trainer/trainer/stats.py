@@ -1,0 +1,111 @@
+"""What the trainer learns about fusion, as typed records: per micro-batch from ``prefetch.prepare``, summed
+over a step by the loop, summed over a window by the text summary, flattened once for metrics.jsonl.
+
+Counts are kept as sums (sequences, positions, seconds) so any number of records add up exactly; rates
+and means are taken only when a record is shown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class SourceStats:
+    """One source over some sequences: sums, turned into rates by :meth:`FusionStats.metrics`."""
+
+    selected: int = 0       # sequences where it had the lowest CE (MinCE's pick; AvgCE's largest weight)
+    weight: float = 0.0     # summed fusion weight
+    skipped: int = 0        # sequences without its output (policy ``skip``)
+    ce_sum: float = 0.0     # summed per-sequence CE where it answered
+    ce_count: int = 0
+    latency_s: float = 0.0  # seconds fetching its outputs, summed over micro-batches
+
+    def __add__(self, other: SourceStats) -> SourceStats:
+        return SourceStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+@dataclass
+class FusionStats:
+    """One micro-batch (or the sum of several): what fetching, aligning and fusing found."""
+
+    micro_batches: int = 0
+    sequences: int = 0
+    predicted_positions: int = 0  # target positions with a next token
+    aligned_positions: int = 0    # of those, filled by a source distribution (not the one-hot fallback)
+    no_teacher_sequences: int = 0
+    teacher_seconds: float = 0.0  # wall time of the parallel fetch
+    prepare_seconds: float = 0.0  # fetch + align + fuse
+    sources: dict[str, SourceStats] = field(default_factory=dict)
+
+    def __add__(self, other: FusionStats) -> FusionStats:
+        names = list(dict.fromkeys([*self.sources, *other.sources]))
+        summed = {n: self.sources.get(n, SourceStats()) + other.sources.get(n, SourceStats()) for n in names}
+        plain = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "sources"}
+        return FusionStats(**plain, sources=summed)
+
+    @staticmethod
+    def total(records: list[FusionStats]) -> FusionStats:
+        out = FusionStats()
+        for r in records:
+            out = out + r
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Rates and means, flat (``selected/<source>``, ...): the keys of metrics.jsonl and TensorBoard."""
+        seqs, micro = max(self.sequences, 1), max(self.micro_batches, 1)
+        out = {"aligned_share": self.aligned_positions / max(self.predicted_positions, 1),
+               "no_teacher_sequences": float(self.no_teacher_sequences),
+               "teacher_seconds": self.teacher_seconds, "prepare_seconds": self.prepare_seconds}
+        for name, s in self.sources.items():
+            out[f"selected/{name}"] = s.selected / seqs
+            out[f"weight/{name}"] = s.weight / seqs
+            out[f"skipped/{name}"] = s.skipped / seqs
+            out[f"ce/{name}"] = s.ce_sum / s.ce_count if s.ce_count else math.nan
+            out[f"latency/{name}"] = s.latency_s / micro
+        return out
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step: losses (means over the step's predicted tokens), speed and the fusion stats."""
+
+    step: int
+    loss: float
+    clm_loss: float
+    fusion_loss: float
+    tokens: float
+    step_seconds: float = 0.0
+    teacher_wait_seconds: float = 0.0  # time the training thread waited for the prefetcher
+    lr: float = 0.0
+    fusion: FusionStats = field(default_factory=FusionStats)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.step_seconds, 1e-9)
+
+    def metrics(self) -> dict[str, float]:
+        """The flat record of metrics.jsonl (without ``step`` and ``time``)."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("step", "fusion")}
+        return {**plain, "tokens_per_s": self.tokens_per_s, **self.fusion.metrics()}
+
+
+def summary(records: list[StepRecord]) -> str:
+    """One text block over the steps since the last summary: the numbers a dashboard would show."""
+    seconds = sum(r.step_seconds for r in records) or 1e-9
+    wait = sum(r.teacher_wait_seconds for r in records)
+    tokens = sum(r.tokens for r in records)
+    fused = FusionStats.total([r.fusion for r in records])
+    loss, clm, fuse = (sum(getattr(r, k) for r in records) / len(records) for k in ("loss", "clm_loss", "fusion_loss"))
+    lines = [f"summary steps {records[0].step}-{records[-1].step}: loss {loss:.4f} (clm {clm:.4f}, "
+             f"fusion {fuse:.4f}), {tokens / seconds:.0f} tokens/s, waited for teachers "
+             f"{100 * wait / seconds:.1f}% of the time, aligned positions "
+             f"{100 * fused.aligned_positions / max(fused.predicted_positions, 1):.1f}%"]
+    seqs, micro = max(fused.sequences, 1), max(fused.micro_batches, 1)
+    for name, s in fused.sources.items():
+        ce = s.ce_sum / s.ce_count if s.ce_count else math.nan
+        lines.append(f"  source {name}: latency {s.latency_s / micro:.3f}s/micro-batch, CE {ce:.3f}, "
+                     f"selected {100 * s.selected / seqs:.1f}%, weight {s.weight / seqs:.3f}, "
+                     f"skipped {100 * s.skipped / seqs:.1f}%")
+    return "\n".join(lines)

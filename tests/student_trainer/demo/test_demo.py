@@ -1,0 +1,70 @@
+"""The main job, shortened: assets, real teacher processes, three training runs, the report — and no
+process left behind, also when the user presses Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+QUICK_DEMO_S = 1000  # a cold cache on a quiet 2-core machine: assets (tiny models pretrained) + 3 short runs
+
+
+def livefuse_children() -> list[str]:
+    """Command lines of running teacher or trainer processes."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "-m teacher_server" in cmd or "-m student_trainer --config" in cmd:
+            found.append(cmd)
+    return found
+
+
+def demo_children(out: Path) -> list[str]:
+    """This demo's teachers (they serve models from the demo cache) and trainers (they write under ``out``)."""
+    return [c for c in livefuse_children() if str(out) in c or "demo-models" in c]
+
+
+@pytest.mark.timeout(QUICK_DEMO_S + 60)  # pytest's own limit above the demo's
+def test_quick_demo_end_to_end(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "student_trainer.demo", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=QUICK_DEMO_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = (tmp_path / "results.md").read_text()
+    for row in ("target (initial)", "target + clm_only", "target + min_ce", "target + avg_ce", "source: code",
+                "source: prose"):
+        assert f"| {row}" in table
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    for mode in ("clm_only", "min_ce", "avg_ce"):
+        assert (tmp_path / "runs" / mode / "final" / "model.safetensors").exists()
+    assert not demo_children(tmp_path)  # every teacher and trainer process is gone
+
+
+@pytest.mark.timeout(QUICK_DEMO_S + 60)
+def test_ctrl_c_stops_every_child(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "student_trainer.demo", "--quick", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + QUICK_DEMO_S - 150
+    for line in proc.stdout:
+        if "3/4 training" in line:
+            break
+        assert time.monotonic() < deadline
+    time.sleep(3)
+    assert any("teacher_server" in c for c in demo_children(tmp_path))
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    time.sleep(1)
+    assert not demo_children(tmp_path)
