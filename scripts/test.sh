@@ -26,6 +26,19 @@ if ! command -v docker-compose >/dev/null; then
     echo "[test] warning: docker-compose missing and no root apt-get: the compose validation tests will skip" >&2
   fi
 fi
+echo "[test] Kubernetes manifests (docker/k8s: kustomize build of each entry point, kubernetes-validate --strict)"
+if kubectl kustomize --help >/dev/null 2>&1; then
+  for entry in docker/k8s/paper docker/k8s/overlays/*/; do
+    rendered="$(mktemp)"
+    kubectl kustomize "$entry" > "$rendered"
+    for version in 1.31.0 1.37.0; do  # the oldest version the manifests claim, the newest with schemas
+      kubernetes-validate --quiet --strict -k "$version" "$rendered"
+    done
+    rm -f "$rendered"
+  done
+else
+  echo "[test] warning: kubectl (with kustomize) not found: the manifests are not rendered or validated" >&2
+fi
 echo "[test] pytest"
 set +e
 python -m pytest "$@"
