@@ -21,6 +21,7 @@ from teacher_server import healthcheck
 from teacher_server.__main__ import build_parser as teacher_parser
 from teacher_server.background import BackgroundServer
 from teacher_server.config import load_config
+from tests import REPO
 
 from .k8s import (
     ENTRY_POINTS,
@@ -293,3 +294,15 @@ def test_job_failure_policy_matches_the_cli_exit_codes(tmp_path):
     bad.write_text("target: {model: m}\nrun: {output_dir: out}\ndata: {train_files: [missing.txt]}\n")
     assert fail_codes == {train_main(["--config", str(bad)])} == {2}
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 300, "time to save a checkpoint on SIGTERM"
+
+
+def test_the_cluster_config_is_the_papers_config_with_cluster_endpoints():
+    """docker/k8s/trainer/run.yaml repeats configs/paper_llama2.yaml for the cluster: only endpoints and run
+    settings may differ, so the two cannot drift apart."""
+    paper = load_trainer_config(REPO / "configs" / "paper_llama2.yaml", check_inputs=False)
+    cluster = load_trainer_config(REPO / "docker" / "k8s" / "trainer" / "run.yaml", check_inputs=False)
+    for section in ("target", "method", "data", "train"):
+        assert getattr(cluster, section) == getattr(paper, section), section
+    strip = [s.model_dump(exclude={"endpoints"}) for s in paper.sources]
+    assert [s.model_dump(exclude={"endpoints"}) for s in cluster.sources] == strip
+    assert cluster.run.output_dir == paper.run.output_dir
