@@ -80,9 +80,8 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def mounted_files(workload: dict, name: str) -> dict[str, str]:
-    """container path -> "secret/<name>/<key>" or "configMap/<name>/<key>" for every file a Secret or ConfigMap
-    volume puts into container ``name`` (ConfigMap keys from the rendered ConfigMaps are not known here:
-    ``configMap/<name>/*``)."""
+    """container path -> "secret/<name>/<key>" for every file a Secret volume puts into container ``name`` (the
+    Secret's keys: the volume's ``items``, else the keys docs/DEPLOY.md creates it with)."""
     volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
     files: dict[str, str] = {}
     for mount in container(workload, name).get("volumeMounts", []):
