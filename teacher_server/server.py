@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
+from protos.vocabulary import detect_conventions
 from teacher_server.backends import load_backend
 from teacher_server.backends.base import Backend
 from teacher_server.batcher import TokenBudgetBatcher
@@ -46,6 +47,9 @@ def build_info(config: TeacherConfig, backend: Backend, tokenizer: TeacherTokeni
         max_tokens = min(max_tokens, backend.max_positions - int(config.add_bos))
     if config.max_top_k > backend.vocab_size:
         raise ValueError(f"max_top_k={config.max_top_k} exceeds the model's vocabulary size {backend.vocab_size}")
+    conv = detect_conventions(tokenizer.vocab(backend.vocab_size))  # how GetVocab's strings spell text
+    encoding = (pb.VOCAB_ENCODING_BYTE_LEVEL if conv.byte_level else
+                pb.VOCAB_ENCODING_SENTENCEPIECE if conv.spm_marker else pb.VOCAB_ENCODING_PLAIN)
     return pb.TeacherInfo(
         model_name=config.model, architecture=backend.architecture, tokenizer_fingerprint=tokenizer.fingerprint,
         vocab_size=backend.vocab_size, tokenizer_size=tokenizer.size, special_token_ids=tokenizer.special_ids,
@@ -53,6 +57,7 @@ def build_info(config: TeacherConfig, backend: Backend, tokenizer: TeacherTokeni
         max_tokens_per_text=max_tokens, max_tokens_per_request=config.max_tokens_per_request,
         max_message_bytes=config.max_message_bytes, dtype=backend.dtype, device=backend.device,
         backend=backend.name, add_bos=config.add_bos, server_version=_server_version(),
+        default_top_k=config.default_top_k, vocab_encoding=encoding, vocab_byte_fallback=conv.byte_fallback,
     )
 
 
