@@ -2,6 +2,12 @@
 
 A backend module exposes ``load(config) -> (backend, TeacherTokenizer)``; ``teacher_server.backends.BACKENDS``
 names them, and the chosen one is imported only when it is used (vLLM is optional and CUDA-only).
+
+Two kinds: a ``Backend`` scores one batch per blocking ``score`` call, and the server's token-budget batcher
+forms the batches (HF); an ``EngineBackend`` batches across concurrent ``score_async`` calls itself (vLLM's
+async engine), and the server hands it each request at once. Either raises ``BackendDead`` when it can
+never score again: the server reports NOT_SERVING and the process exits non-zero, so that its orchestrator
+restarts it. Any other exception fails only the requests of that call.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ class ScoreOutput:
     next_logprobs: np.ndarray  # (n-1,) float32
 
 
+class BackendDead(RuntimeError):
+    """The backend cannot score any more (e.g. vLLM's engine process died); only a restart helps."""
+
+
 class Backend(Protocol):
     name: str
     architecture: str
@@ -35,6 +45,25 @@ class Backend(Protocol):
         ...
 
 
+class EngineBackend(Protocol):
+    """A backend whose engine batches across concurrent calls (continuous batching)."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    dtype: str
+    device: str
+    max_positions: int | None
+
+    async def score_async(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+        """Scores id sequences (as ``Backend.score``); called concurrently, once per request."""
+        ...
+
+    def close(self) -> None:
+        """Stops the engine (the server has stopped serving)."""
+        ...
+
+
 def max_positions(config) -> int | None:
     """The longest sequence a model config admits (first of the usual keys), or None if it names none."""
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
@@ -42,3 +71,4 @@ def max_positions(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
