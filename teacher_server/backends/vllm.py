@@ -208,7 +208,8 @@ class VLLMBackend:
             raise BackendDead(f"vLLM's engine died: {err}") from err
         except Exception as err:
             if getattr(self.engine, "errored", False):  # e.g. the output handler failed: no request can succeed
-                raise BackendDead(f"vLLM's engine stopped after: {type(err).__name__}: {err}") from err
+                cause = err.__cause__ or err  # AsyncLLM.generate wraps it in an EngineGenerateError
+                raise BackendDead(f"vLLM's engine stopped after: {type(cause).__name__}: {cause}") from err
             raise
         if final is None:
             raise RuntimeError("vLLM finished a scoring request without an output")

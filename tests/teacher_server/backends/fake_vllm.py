@@ -109,6 +109,10 @@ class EngineDeadError(Exception):
     """Stands for vllm.v1.engine.exceptions.EngineDeadError."""
 
 
+class EngineGenerateError(Exception):
+    """Stands for vllm.v1.engine.exceptions.EngineGenerateError (AsyncLLM.generate wraps other errors in it)."""
+
+
 def tokens_input(prompt_token_ids: list[int]) -> dict:
     """As ``vllm.inputs.tokens_input``."""
     return {"type": "token", "prompt_token_ids": prompt_token_ids}
@@ -129,8 +133,10 @@ class _Request:
 
 class FakeAsyncLLM:
     def __init__(self, logprob_fn: Callable[[list[int]], np.ndarray], vocab_size: int, *, max_model_len: int = 2049,
-                 tokens_per_step: int = 64, step_seconds: float = 0.005) -> None:
+                 tokens_per_step: int = 64, step_seconds: float = 0.005, die_at_request: int | None = None) -> None:
+        """``die_at_request``: the engine dies when that request (1-based) arrives."""
         self.logprob_fn, self.tokens_per_step, self.step_seconds = logprob_fn, tokens_per_step, step_seconds
+        self.die_at_request = die_at_request
         self.model_config = SimpleNamespace(hf_config=SimpleNamespace(architectures=["FakeForCausalLM"]),
                                             get_vocab_size=lambda: vocab_size, dtype="torch.float32",
                                             max_model_len=max_model_len)
@@ -139,11 +145,14 @@ class FakeAsyncLLM:
         self.aborted: list[str] = []
         self.params_seen: list[Any] = []
         self.fail_next: BaseException | None = None  # raised to every request in flight at the next step
+        self.stop_on_fail = False  # fail_next also stops the engine (AsyncLLM's output handler failed)
         self.errored = False
         self.shut_down = False
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, prompt: dict, sampling_params: Any, request_id: str) -> AsyncIterator[Any]:
+        if self.die_at_request is not None and len(self.params_seen) + 1 >= self.die_at_request:
+            self.die()
         if self.errored:
             raise EngineDeadError()
         assert prompt["type"] == "token" and sampling_params.output_kind == FINAL_ONLY
@@ -159,6 +168,10 @@ class FakeAsyncLLM:
         except asyncio.CancelledError:
             self.aborted.append(request_id)  # AsyncLLM.generate aborts the request when cancelled
             raise
+        except EngineDeadError:
+            raise
+        except Exception as err:
+            raise EngineGenerateError() from err
         finally:
             if request in self.running:
                 self.running.remove(request)
@@ -177,6 +190,7 @@ class FakeAsyncLLM:
     def _step(self, request: _Request) -> None:
         if self.fail_next is not None:
             request.done.set_exception(self.fail_next)
+            self.errored = self.errored or self.stop_on_fail
             return
         request.steps_left -= 1
         if request.steps_left <= 0:
@@ -198,3 +212,22 @@ class FakeAsyncLLM:
         self.shut_down = True
         if self._loop_task is not None:
             self._loop_task.get_loop().call_soon_threadsafe(self._loop_task.cancel)
+
+
+def toy_logprobs(ids: list[int], vocab_size: int = 64) -> np.ndarray:
+    """A deterministic stand-in for a model: (n, vocab_size) log-softmax rows that depend on the prefix."""
+    logits = np.sin(np.outer(np.cumsum(ids) + np.arange(len(ids)), np.arange(1, vocab_size + 1)))
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def load_dying(config: Any) -> tuple[Any, Any]:
+    """A ``teacher_server.backends.BACKENDS`` loader for a child teacher process: VLLMBackend over a
+    FakeAsyncLLM whose engine dies at the third request (the warm-up and one request succeed)."""
+    from transformers import AutoTokenizer
+
+    from teacher_server.backends.vllm import VLLMBackend
+    from teacher_server.tokenizer import TeacherTokenizer
+
+    tokenizer = TeacherTokenizer(AutoTokenizer.from_pretrained(config.model))
+    engine = FakeAsyncLLM(lambda ids: toy_logprobs(ids, tokenizer.size), tokenizer.size, die_at_request=3)
+    return VLLMBackend(engine, api()), tokenizer
