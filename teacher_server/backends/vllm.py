@@ -174,7 +174,7 @@ class VLLMBackend:
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.max_positions: int | None = int(model_config.max_model_len) - 1  # room for the sampled token
         self.bos_id = bos_id
-        # FlatLogprobs (vLLM >= 0.11): a few flat lists per request instead of a dict per position
+        # FlatLogprobs (in 0.33): a few flat lists per request instead of a dict per position (guarded)
         self.flat = "flat_logprobs" in getattr(api.sampling_params, "__struct_fields__", ())
         self._params: dict[int, Any] = {}
         self._request_ids = itertools.count()

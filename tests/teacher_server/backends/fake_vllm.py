@@ -146,6 +146,7 @@ class FakeAsyncLLM:
         self.params_seen: list[Any] = []
         self.fail_next: BaseException | None = None  # raised to every request in flight at the next step
         self.stop_on_fail = False  # fail_next also stops the engine (AsyncLLM's output handler failed)
+        self.fail_prompts: set[int] = set()  # requests whose prompt has one of these lengths fail alone
         self.errored = False
         self.shut_down = False
         self._loop_task: asyncio.Task | None = None
@@ -191,6 +192,9 @@ class FakeAsyncLLM:
         if self.fail_next is not None:
             request.done.set_exception(self.fail_next)
             self.errored = self.errored or self.stop_on_fail
+            return
+        if len(request.prompt) in self.fail_prompts:
+            request.done.set_exception(ValueError(f"prompt of {len(request.prompt)} tokens refused"))
             return
         request.steps_left -= 1
         if request.steps_left <= 0:

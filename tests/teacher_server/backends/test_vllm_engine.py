@@ -110,6 +110,19 @@ def test_a_cancelled_call_aborts_its_requests_in_the_engine():
     assert sorted(engine.aborted) == ["lf-0", "lf-1"] and not engine.running
 
 
+def test_one_failed_text_aborts_the_other_texts_of_its_request():
+    engine = FakeAsyncLLM(toy_logprobs, VOCAB, tokens_per_step=1, step_seconds=0.002)
+    engine.fail_prompts = {3}
+
+    async def scenario() -> None:
+        with pytest.raises(fake_vllm.EngineGenerateError):
+            await backend(engine).score_async([np.arange(300) % VOCAB, np.array([1, 2, 3])], 2)
+        await asyncio.sleep(0.01)
+
+    run(scenario())
+    assert engine.aborted == ["lf-0"] and not engine.running  # the long text did not run to its end
+
+
 def test_engine_death_is_backend_dead_and_other_errors_fail_one_call():
     engine = FakeAsyncLLM(toy_logprobs, VOCAB)
     vllm = backend(engine)
