@@ -32,7 +32,9 @@ class BackendDead(RuntimeError):
     """The backend cannot score any more (e.g. vLLM's engine process died); only a restart helps."""
 
 
-class Backend(Protocol):
+class BackendInfo(Protocol):
+    """What the server reports about every backend (TeacherInfo)."""
+
     name: str
     architecture: str
     vocab_size: int
@@ -40,20 +42,15 @@ class Backend(Protocol):
     device: str
     max_positions: int | None
 
+
+class Backend(BackendInfo, Protocol):
     def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
         """Scores id sequences (each (n,), n >= 1, no BOS; the backend adds it if configured)."""
         ...
 
 
-class EngineBackend(Protocol):
+class EngineBackend(BackendInfo, Protocol):
     """A backend whose engine batches across concurrent calls (continuous batching)."""
-
-    name: str
-    architecture: str
-    vocab_size: int
-    dtype: str
-    device: str
-    max_positions: int | None
 
     async def score_async(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
         """Scores id sequences (as ``Backend.score``); called concurrently, once per request."""
@@ -71,4 +68,3 @@ def max_positions(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-

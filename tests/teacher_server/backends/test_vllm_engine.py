@@ -253,6 +253,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a child teacher process: ~17 s on a quiet 2-core machine, more under load
 def test_the_teacher_process_exits_non_zero_when_its_engine_dies(tiny_model_dirs):
     """``livefuse-teacher --backend vllm`` (vLLM swapped for FakeAsyncLLM in the child): after the engine
     dies the process stops and exits 1, so a restart policy (on-failure, Kubernetes) restarts it."""
