@@ -110,6 +110,7 @@ def test_node_client_reads_what_python_reads(served):
         # the token strings alone, decoded by the named rules, give the text back (SentencePiece may add the
         # one leading space it prefixes to every text)
         assert out["fp32"][i]["decoded"] in (text, " " + text)
+    assert sum(r["unaligned"] for r in out["fp32"]) > 0  # the DataView path did meet unaligned arrays
     if name == "llama":
         assert out["big_default_limit"] == "RESOURCE_EXHAUSTED"  # grpc-js's 4 MiB default
         assert out["big_raised_limit"] == len(BIG_TEXTS)
