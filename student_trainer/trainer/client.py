@@ -138,12 +138,12 @@ class TeacherClient:
         return tokens
 
     def request(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-                logprob_format: int = pb.LOGPROB_FLOAT16) -> pb.ScoreRequest:
+                logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16) -> pb.ScoreRequest:
         return pb.ScoreRequest(texts=list(texts), top_k=top_k, truncate=truncate, logprob_format=logprob_format,
                                request_id=str(next(self._ids)))
 
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-              logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None,
+              logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16, timeout: float | None = None,
               expect_fingerprint: str | None = None) -> list[TeacherScores]:
         """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered."""
         response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),

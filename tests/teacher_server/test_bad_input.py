@@ -47,7 +47,7 @@ BAD_REQUESTS = {
     "empty text": (grpc.StatusCode.INVALID_ARGUMENT, ("texts[1]", "empty"), {"texts": ["a", ""]}),
     "top_k over limit": (grpc.StatusCode.INVALID_ARGUMENT, ("top_k", "17", "max_top_k=16"),
                          {"texts": ["a"], "top_k": 17}),
-    "unknown logprob_format": (grpc.StatusCode.INVALID_ARGUMENT, ("logprob_format", "99", "LOGPROB_FLOAT32"),
+    "unknown logprob_format": (grpc.StatusCode.INVALID_ARGUMENT, ("logprob_format", "99", "LOGPROB_FORMAT_FLOAT32"),
                                {"texts": ["a"], "logprob_format": 99}),
     "over-long text": (grpc.StatusCode.INVALID_ARGUMENT, ("texts[0]", "max_tokens_per_text=32", "truncate"),
                        {"texts": ["word " * 60]}),
