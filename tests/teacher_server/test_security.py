@@ -5,6 +5,7 @@ CA made by the test. Without valid credentials a request gets UNAUTHENTICATED (t
 from __future__ import annotations
 
 import datetime
+import time
 import ipaddress
 from pathlib import Path
 
@@ -190,3 +191,84 @@ def test_no_code_executing_format_crosses_the_wire():
             text = path.read_text()
             for banned in ("import pickle", "import marshal", "import dill", "import cloudpickle", "torch.load("):
                 assert banned not in text, f"{path.name} uses {banned}"
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_model_dirs, loaded, pki):
+    """Bearer token over plaintext, metrics on: what an unauthenticated caller can make the server do."""
+    backend, tokenizer = loaded["gpt2"]
+    config = make_config(tiny_model_dirs["gpt2"], auth_token_file=pki["token"]["path"])
+    with BackgroundServer(config, backend, tokenizer) as server:
+        yield server
+
+
+def requests_counted(server, method: str, code: str) -> float:
+    value = server.server.metrics.registry.get_sample_value(
+        "livefuse_teacher_requests_total", {"method": method, "code": code})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("method", ["Score", "GetInfo", "GetVocab", "ScoreStream"])
+def test_unauthenticated_garbage_is_denied_before_it_is_parsed(token_server, method):
+    before = requests_counted(token_server, method, "UNAUTHENTICATED")
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        path = f"/livefuse.v1.Teacher/{method}"
+        garbage = b"\xff\xfe\x00 not a protobuf message"
+        if method == "ScoreStream":
+            call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(iter([garbage] * 3), timeout=10, metadata=(("authorization", "Bearer wrong"),)))
+        else:
+            call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                call(garbage, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (err.value.code(), err.value.details())
+    assert err.value.details() == "missing or invalid bearer token"
+    assert requests_counted(token_server, method, "UNAUTHENTICATED") == before + 1
+
+
+def test_authenticated_garbage_is_invalid_argument_and_counted(token_server):
+    before = requests_counted(token_server, "Score", "INVALID_ARGUMENT")
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        call = channel.unary_unary("/livefuse.v1.Teacher/Score", request_serializer=None,
+                                   response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\xff\xfe\x00garbage", timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse as livefuse.v1.ScoreRequest" in err.value.details(), err.value.details()
+    assert requests_counted(token_server, "Score", "INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.slow
+def test_unauthenticated_huge_messages_are_not_read(tiny_model_dirs, pki):
+    """Four concurrent unauthenticated 100 MB Score messages: the teacher process does not hold them."""
+    import concurrent.futures
+
+    import psutil
+
+    from student_trainer.demo.teacher_process import TeacherProcess
+
+    with TeacherProcess(tiny_model_dirs["gpt2"], "--device", "cpu", "--auth-token-file", pki["token"]["path"]) as t:
+        process = psutil.Process(t.proc.pid)
+        before = process.memory_info().rss
+        peak = [before]
+        body = b"\x0a" + b"\xff" * (100 * 1024 * 1024)
+
+        def send(_: int) -> grpc.StatusCode:
+            with grpc.insecure_channel(t.address, options=[("grpc.max_send_message_length", 2**30)]) as channel:
+                call = channel.unary_unary("/livefuse.v1.Teacher/Score", request_serializer=None,
+                                           response_deserializer=None)
+                try:
+                    call(body, timeout=60)
+                except grpc.RpcError as err:
+                    return err.code()
+            return grpc.StatusCode.OK
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(send, i) for i in range(4)]
+            while not all(f.done() for f in futures):
+                peak.append(process.memory_info().rss)
+                time.sleep(0.05)
+        codes = [f.result() for f in futures]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert max(peak) - before < 100 * 1024 * 1024, (before, max(peak))  # not even one message held
