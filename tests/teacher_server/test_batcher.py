@@ -177,6 +177,8 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
         batcher.start()
         assert batcher.estimated_wait(50) is None  # nothing measured yet: nothing is refused
         await batcher.submit([np.arange(50)], 1)
+        assert batcher.estimated_wait(50) is None  # less than one full batch budget measured
+        await batcher.submit([np.arange(50)], 1)
         assert 0.02 < batcher.estimated_wait(50) < 0.5
         backlog = [asyncio.create_task(batcher.submit([np.arange(50)], 1)) for _ in range(40)]  # ~2 s of work
         await asyncio.sleep(0.05)

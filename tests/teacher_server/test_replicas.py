@@ -17,6 +17,7 @@ from tests.doubles import ControlledBackend
 from .conftest import make_config
 
 pytestmark = pytest.mark.integration
+TEXT = "many words to make the queue long " * 40  # ~250 tokens
 
 
 def counted(server: BackgroundServer, method: str, code: str) -> float:
@@ -57,6 +58,9 @@ def slow_and_held(tiny_model_dirs, loaded):
     slow = ControlledBackend(backend, seconds_per_token=0.002)
     config = make_config(tiny_model_dirs["gpt2"], max_tokens_per_text=512, max_batch_tokens=512)
     with BackgroundServer(config, slow, tokenizer) as server:
+        with TeacherClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            for _ in range(3):  # the server measures its scoring rate on real forwards (> one batch budget)
+                client.score([TEXT], top_k=2)
         yield server, slow
         slow.stop_holding()
 
@@ -65,7 +69,7 @@ def _fill(address: str, texts: int) -> list[threading.Thread]:
     """``texts`` requests of ~250 tokens each, in the background, with a generous deadline."""
     def send() -> None:
         with TeacherClient(address, timeout=120) as c:
-            c.score(["many words to make the queue long " * 40], top_k=2)
+            c.score([TEXT], top_k=2)
 
     threads = [threading.Thread(target=send) for _ in range(texts)]
     for thread in threads:

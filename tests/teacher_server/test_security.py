@@ -1,12 +1,12 @@
-"""TLS (server certificate, optional client certificates) and a bearer token on every RPC, with a throwaway
-CA made by the test. Without valid credentials a request gets UNAUTHENTICATED (token) or no connection
-(TLS) and nothing else."""
+"""TLS (server certificate, optional client certificates) and a bearer token on every RPC but the health
+service, with a throwaway CA made by the test. Without valid credentials a request gets UNAUTHENTICATED
+(token) before its body is read, or no connection (TLS), and nothing else."""
 
 from __future__ import annotations
 
 import datetime
-import time
 import ipaddress
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import teacher_pb2 as pb
 from student_trainer.trainer.client import ClientTLS, TeacherClient
@@ -108,14 +109,22 @@ def test_bad_or_missing_token_gets_unauthenticated_on_every_rpc(secure_server, p
             "GetVocab": lambda: c.vocab(timeout=10),
             "Score": lambda: c.score(["x"], top_k=1),
             "ScoreStream": lambda: list(c.score_stream([c.request(["x"], 1)])),
-            "Health": lambda: health_pb2_grpc.HealthStub(c.channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=10, metadata=c.metadata),
+            "Reflection": lambda: list(reflection_pb2_grpc.ServerReflectionStub(c.channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=c.metadata)),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
             assert err.value.details() == "missing or invalid bearer token", name
+
+
+def test_health_answers_without_a_token_and_says_only_the_status(secure_server, pki):
+    """Load balancers, Kubernetes gRPC probes and gRPC's client-side health checking send no token."""
+    with client(secure_server, full_tls(pki), None) as c:
+        response = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert response.ListFields() == [(health_pb2.HealthCheckResponse.DESCRIPTOR.fields_by_name["status"], 1)]
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_server(secure_server):
