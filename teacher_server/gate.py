@@ -4,15 +4,16 @@
    UNAUTHENTICATED before its body is read, let alone parsed. The standard health service answers without
    a token: it tells only SERVING / NOT_SERVING, and load balancers, Kubernetes gRPC probes and gRPC's own
    client-side health checking cannot send one.
-2. Teacher requests are parsed here instead of inside grpcio, so a message that does not parse gets
-   INVALID_ARGUMENT naming its type (grpcio itself answers UNKNOWN before any livefuse code runs), and on
-   ScoreStream the servicer learns which message broke the stream.
+2. Requests are parsed here instead of inside grpcio, so a message that does not parse gets
+   INVALID_ARGUMENT naming its type (grpcio itself answers UNKNOWN before any handler runs): every unary
+   request, and ScoreStream's messages, whose servicer learns which one broke the stream.
 Both outcomes are counted in ``livefuse_teacher_requests_total``.
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from protos import teacher_pb2 as pb
 from teacher_server.metrics import TeacherMetrics
 
 DENIED = "missing or invalid bearer token"
-TEACHER_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Teacher'].full_name}/"
+TEACHER_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Teacher'].full_name}/"  # its only stream-request: ScoreStream
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 Deserializer = Callable[[bytes], Any]
 
@@ -59,14 +60,17 @@ class RequestGate(grpc.aio.ServerInterceptor):
             self._metrics.requests.labels(method, "UNAUTHENTICATED").inc()
             return _DENY
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(TEACHER_PREFIX):
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming and not details.method.startswith(TEACHER_PREFIX):
+            return handler  # other services' streams (reflection) keep grpcio's parsing
         return self._parsing(handler, method)
 
     def _parsing(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The same handler, taking raw bytes and parsing them itself."""
         parse = handler.request_deserializer
-        type_name = pb.DESCRIPTOR.services_by_name["Teacher"].methods_by_name[method].input_type.full_name
+        message_type = getattr(parse, "__self__", None)  # generated code passes SomeRequest.FromString
+        type_name = message_type.DESCRIPTOR.full_name if hasattr(message_type, "DESCRIPTOR") else "the request type"
         serialize = handler.response_serializer
         if handler.request_streaming:
             inner_stream = handler.stream_stream
@@ -88,11 +92,15 @@ class RequestGate(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             inner_unary_stream = handler.unary_stream
 
-            async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext):
+            async def yielding(raw: bytes, context: grpc.aio.ServicerContext):
                 async for response in inner_unary_stream(await one(raw, context), context):
                     yield response
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+            async def writing(raw: bytes, context: grpc.aio.ServicerContext) -> None:  # context.write style
+                await inner_unary_stream(await one(raw, context), context)
+
+            wrapped = yielding if inspect.isasyncgenfunction(inner_unary_stream) else writing
+            return grpc.unary_stream_rpc_method_handler(wrapped, response_serializer=serialize)
         inner_unary = handler.unary_unary
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
