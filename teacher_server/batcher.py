@@ -5,8 +5,9 @@ the texts closest to it in length, as many as fit the padded-token budget: the o
 starved and padding stays small. The forward runs on one worker thread, off the event loop; a text whose
 caller went away (cancelled, deadline passed) is dropped before it reaches the model.
 
-The batcher also measures its scoring rate (tokens per second over the recent forwards), so a request whose
-deadline cannot be met given the work queued ahead of it is refused at once instead of failing late.
+The batcher also measures what a forward costs (seconds per forward and per token, fitted to the recent
+forwards), so a request whose deadline cannot be met given the work queued ahead of it is refused at once
+instead of failing late.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class Overloaded(Exception):
     """The work queued ahead of a request would take longer than its deadline leaves."""
 
 
-RATE_WINDOW = 32  # recent forwards the scoring rate is measured over
+RATE_WINDOW = 32  # recent forwards the scoring cost is measured over
+MIN_FORWARDS = 4  # forwards timed before any request is refused for its deadline
+HEADROOM = 0.8
+"""A request is refused when the estimated wait exceeds this share of its time left: the rest is for
+tokenizing, encoding, the network, and the estimate's own error on a machine whose speed varies."""
 
 
 @dataclass(order=True)
@@ -92,14 +97,27 @@ class TokenBudgetBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    def estimated_wait(self, tokens: int) -> float | None:
-        """Seconds until ``tokens`` more would be scored, from the measured rate; None until the recent
-        forwards add up to one full batch budget (small warm-up batches understate the rate)."""
-        measured_tokens = sum(t for t, _ in self._measured)
-        if measured_tokens < self.max_batch_tokens:
+    def _cost_model(self) -> tuple[float, float] | None:
+        """(seconds per forward, seconds per token) fitted to the recent forwards; None before MIN_FORWARDS."""
+        if len(self._measured) < MIN_FORWARDS:
             return None
-        rate = measured_tokens / max(sum(s for _, s in self._measured), 1e-9)
-        return (self._queued_tokens + self._forward_tokens + tokens) / rate
+        tokens = np.array([t for t, _ in self._measured], dtype=np.float64)
+        seconds = np.array([s for _, s in self._measured], dtype=np.float64)
+        if np.ptp(tokens) > 0:
+            per_token, per_forward = np.polyfit(tokens, seconds, 1)
+            if per_token > 0:
+                return max(float(per_forward), 0.0), float(per_token)
+        return 0.0, float(seconds.sum() / tokens.sum())
+
+    def estimated_wait(self, tokens: int) -> float | None:
+        """Seconds until ``tokens`` more would be scored: everything queued and in the forward first, in
+        batches of the token budget, at the measured cost (None until MIN_FORWARDS forwards were timed)."""
+        model = self._cost_model()
+        if model is None:
+            return None
+        per_forward, per_token = model
+        ahead = self._queued_tokens + self._forward_tokens + tokens
+        return -(-ahead // self.max_batch_tokens) * per_forward + ahead * per_token
 
     async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
                      ) -> list[ScoreOutput]:
@@ -109,7 +127,7 @@ class TokenBudgetBatcher:
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self._queued_tokens} tokens are queued; the limit is {self.max_queue_tokens}")
         wait = self.estimated_wait(tokens) if within_s is not None else None
-        if wait is not None and within_s is not None and wait > within_s:
+        if wait is not None and within_s is not None and wait > HEADROOM * within_s:
             raise Overloaded(f"about {wait:.1f} s of work is queued ahead of this request and its deadline "
                              f"leaves {within_s:.1f} s")
         loop = asyncio.get_running_loop()

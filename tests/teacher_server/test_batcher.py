@@ -175,11 +175,11 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
     async def main():
         batcher = TokenBudgetBatcher(slow, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=100_000)
         batcher.start()
-        assert batcher.estimated_wait(50) is None  # nothing measured yet: nothing is refused
+        for length in (20, 50, 80):
+            assert batcher.estimated_wait(50) is None  # fewer than MIN_FORWARDS timed: nothing is refused
+            await batcher.submit([np.arange(length)], 1)
         await batcher.submit([np.arange(50)], 1)
-        assert batcher.estimated_wait(50) is None  # less than one full batch budget measured
-        await batcher.submit([np.arange(50)], 1)
-        assert 0.02 < batcher.estimated_wait(50) < 0.5
+        assert 0.03 < batcher.estimated_wait(50) < 0.5  # ~1 ms per token
         backlog = [asyncio.create_task(batcher.submit([np.arange(50)], 1)) for _ in range(40)]  # ~2 s of work
         await asyncio.sleep(0.05)
         t0 = time.perf_counter()

@@ -59,7 +59,7 @@ def slow_and_held(tiny_model_dirs, loaded):
     config = make_config(tiny_model_dirs["gpt2"], max_tokens_per_text=512, max_batch_tokens=512)
     with BackgroundServer(config, slow, tokenizer) as server:
         with TeacherClient(f"127.0.0.1:{server.port}", timeout=60) as client:
-            for _ in range(3):  # the server measures its scoring rate on real forwards (> one batch budget)
+            for _ in range(4):  # the server times real forwards before it refuses anything
                 client.score([TEXT], top_k=2)
         yield server, slow
         slow.stop_holding()
