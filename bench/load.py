@@ -11,6 +11,10 @@ ones, tokens/s, the teacher's RSS (psutil) before and after. Then a sample of th
 alone on the idle teacher: ids must be identical and log-probs within one fp16 step (the batch a text
 shared can move the last bit; ties may reorder).
 
+Unread (``--unread N``): N requests of 4 x ~250 tokens at k = 64 in fp32 (~0.4 MB per response) sent on
+one ScoreStream that is never read, to a teacher with the default flow control and to one with it
+effectively off (``--stream-max-pending`` 10^6); the teacher's RSS once it is idle again, side by side.
+
 Overload: the teacher's capacity (requests/s of one fixed shape) is measured closed loop first; then
 requests of that shape arrive open loop (Poisson) at ``--overload`` x capacity, each with ``--deadline``,
 against a teacher with ``--no-early-refusal`` and then one with early refusal, side by side in one run:
@@ -278,6 +282,35 @@ def overload_report(model: Path, args: argparse.Namespace) -> None:
     print("\n".join(rows))
 
 
+def unread_report(model: Path, args: argparse.Namespace) -> None:
+    """Teacher RSS held by a stream whose client never reads, flow control on (default) vs off."""
+    text = "Words that the tokenizer cuts into about two hundred and fifty tokens. " * 18
+    requests = [pb.ScoreRequest(texts=[text] * 4, top_k=64, logprob_format=pb.LOGPROB_FLOAT32, truncate=True,
+                                request_id=str(i)) for i in range(args.unread)]
+    small_forwards = ("--logprob-chunk-tokens", "64", "--max-batch-tokens", "1024", "--max-tokens-per-text", "1024")
+    print("| stream flow control | unread requests | teacher RSS held when idle | seconds |\n| --- | ---: | ---: | ---: |")
+    for name, pending in (("on (stream_max_pending 32)", "32"), ("off (stream_max_pending 10^6)", "1000000")):
+        with TeacherProcess(model, "--device", "cpu", "--stream-max-pending", pending, *small_forwards) as teacher, \
+                grpc.insecure_channel(teacher.address, options=[("grpc.http2.bdp_probe", 0),
+                                                                ("grpc.max_receive_message_length", 2**28)]) as channel:
+            assert teacher.proc is not None
+            process, stub = psutil.Process(teacher.proc.pid), channel.stream_stream(
+                "/livefuse.v1.Teacher/ScoreStream", request_serializer=pb.ScoreRequest.SerializeToString,
+                response_deserializer=pb.ScoreResponse.FromString)
+            for _ in stub(iter(requests[:8]), timeout=600):
+                pass  # the allocator has seen full forwards before the measurement
+            before, t0 = process.memory_info().rss, time.perf_counter()
+            call = stub(iter(requests), timeout=3600)
+            last, since = -1.0, time.monotonic()
+            while time.monotonic() - since < 5:  # until the teacher has used no CPU for 5 s
+                cpu = sum(process.cpu_times()[:2])
+                last, since = (cpu, time.monotonic()) if cpu - last > 0.1 else (last, since)
+                time.sleep(0.5)
+            held = (process.memory_info().rss - before) / 2**20
+            call.cancel()
+        print(f"| {name} | {len(requests)} | {held:+.1f} MB | {time.perf_counter() - t0:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients (default: 32)")
@@ -287,13 +320,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overload", type=float, default=None,
                         help="instead of the closed loop: offer this multiple of the measured capacity, open loop, "
                              "early refusal off then on (e.g. 2)")
+    parser.add_argument("--unread", type=int, default=None,
+                        help="instead of the closed loop: send this many requests on a ScoreStream never read, flow "
+                             "control on vs off, and report the teacher's RSS (e.g. 200)")
     parser.add_argument("--capacity-seconds", type=float, default=20.0,
                         help="how long the capacity is measured before an overload run (default: 20)")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_model("llama", "llama-spm", Path(tmp) / "teacher", seed=0)
-        if args.overload:
+        model = build_tiny_model("gpt2" if args.unread else "llama", "gpt-2" if args.unread else "llama-spm",
+                                 Path(tmp) / "teacher", seed=0)
+        if args.unread:
+            unread_report(model, args)
+        elif args.overload:
             overload_report(model, args)
         else:
             closed_loop_report(model, args)
