@@ -37,8 +37,13 @@ class EngineQueue:
         """Stops the engine; the server calls it after gRPC has drained."""
         await asyncio.get_running_loop().run_in_executor(None, self._backend.close)
 
-    async def submit(self, seqs: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
-        """Hands the sequences to the engine and waits for their scores (QueueFull when over the bound)."""
+    async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
+                     ) -> list[ScoreOutput]:
+        """Hands the sequences to the engine and waits for their scores (QueueFull when over the bound).
+
+        ``within_s`` (the caller's time left) is accepted for the batcher's interface but not used: vLLM
+        schedules its own requests, so early refusal (``early_refusal``) applies to the HF batcher only.
+        """
         tokens = sum(len(s) for s in seqs)
         if self._tokens and self._tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self._tokens} tokens are in the engine; the limit is {self.max_queue_tokens}")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import teacher_pb2 as pb
@@ -26,8 +27,10 @@ from teacher_server.backends.base import Backend, BackendDead, EngineBackend, Sc
 from teacher_server.batcher import TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.engine_queue import EngineQueue
+from teacher_server.gate import RequestGate
+from teacher_server.health_service import DrainingHealthServicer
 from teacher_server.metrics import TeacherMetrics
-from teacher_server.security import BearerTokenInterceptor, load_token, server_credentials
+from teacher_server.security import load_token, server_credentials
 from teacher_server.servicer import TeacherServicer
 from teacher_server.tokenizer import TeacherTokenizer
 
@@ -82,7 +85,7 @@ class TeacherServer:
         self.config = config
         self._given = (backend, tokenizer)
         self.metrics = TeacherMetrics()
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
         self.servicer = TeacherServicer(config, self.metrics)
         self.batcher: TokenBudgetBatcher | EngineQueue | None = None
         self.dead = asyncio.Event()  # the backend can never score again (BackendDead): stop, exit non-zero
@@ -92,8 +95,7 @@ class TeacherServer:
                   ("grpc.max_send_message_length", config.max_message_bytes)]
         token = load_token(config)
         self._credentials = server_credentials(config)
-        self.server = grpc.aio.server(options=limits,
-                                      interceptors=[BearerTokenInterceptor(token)] if token else None)
+        self.server = grpc.aio.server(options=limits, interceptors=[RequestGate(token, self.metrics)])
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the gRPC port."""
@@ -111,9 +113,23 @@ class TeacherServer:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await self.server.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_address)
+            self._warn_if_metrics_exposed()
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
         return self.port
+
+    def _warn_if_metrics_exposed(self) -> None:
+        """/metrics has no TLS and no auth: say so when it is reachable from the network beside a gRPC port
+        that requires TLS or a token."""
+        host = self.config.metrics_address
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback and (self.config.tls_cert or self.config.auth_token_file):
+            log.warning(f"/metrics on {host}:{self.metrics_port} is plain HTTP without auth while gRPC requires "
+                        "TLS or a token; anyone who reaches it sees the load and error counts. Bind it with "
+                        "--metrics-host 127.0.0.1 (or a private interface) or disable it with --metrics-port none")
 
     async def load(self) -> None:
         """Loads (unless given) and warms up the model, then reports SERVING."""
@@ -167,7 +183,7 @@ class TeacherServer:
         """Reports NOT_SERVING, refuses new RPCs and waits up to ``grace`` s for in-flight ones."""
         grace = self.config.grace_seconds if grace is None else grace
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
-        await self.health.enter_graceful_shutdown()
+        await self.health.drain()  # NOT_SERVING, and Watch streams end instead of holding the grace period
         await self.server.stop(grace)
         if self.batcher is not None:
             await self.batcher.stop()

@@ -193,7 +193,8 @@ def test_engine_args_pass_vllm_scheduler_checks(texts, batch_tokens, per_text, p
     .verify_max_model_len / __post_init__, config/scheduler.py), whatever the card's default max_num_seqs."""
     config = load_config(overrides={"model": "m", "backend": "vllm", "max_batch_texts": texts,
                                     "max_tokens_per_text": per_text, "max_tokens_per_request": 1 << 20,
-                                    "max_queue_tokens": 1 << 20, "max_batch_tokens": max(batch_tokens, per_text)})
+                                    "max_queue_tokens": 1 << 20, "max_batch_tokens": max(batch_tokens, per_text),
+                                    "max_message_bytes": 1 << 30})
     args = _engine_args(config, vocab_size=32_000, positions=positions, total_bytes=None)
     assert args["max_num_seqs"] == texts
     assert args["max_num_batched_tokens"] >= args["max_num_seqs"]
