@@ -2,7 +2,9 @@
 
 - ``teacher.proto`` (the only definition of the wire format) and its generated stubs ``teacher_pb2*``;
 - ``codec``: packed little-endian arrays; ``scores``: one scored text <-> its ``ScoredText`` message;
-- ``vocabulary``: the tokenizer fingerprint and the raw-vocabulary rules both sides compute;
+- ``vocabulary``: the tokenizer fingerprint, the raw-vocabulary rules and the token-string conventions
+  (``TeacherInfo.vocab_encoding``) both sides compute; pure standard library, so the trainer's core may
+  import it;
 - ``logs`` and ``config_errors``: not wire format, but shared by both CLIs (the JSON log line format a
   process launcher reads, and the one-line-per-field config error). They live here because
   ``teacher_server`` and ``student_trainer`` may not import each other (see the import-linter contracts

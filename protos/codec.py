@@ -11,13 +11,13 @@ import numpy as np
 from protos import teacher_pb2 as pb
 
 _TO_WIRE: dict[np.dtype, int] = {
-    np.dtype("<u1"): pb.UINT8,
-    np.dtype("<u2"): pb.UINT16,
-    np.dtype("<u4"): pb.UINT32,
-    np.dtype("<i4"): pb.INT32,
-    np.dtype("<i8"): pb.INT64,
-    np.dtype("<f2"): pb.FLOAT16,
-    np.dtype("<f4"): pb.FLOAT32,
+    np.dtype("<u1"): pb.D_TYPE_UINT8,
+    np.dtype("<u2"): pb.D_TYPE_UINT16,
+    np.dtype("<u4"): pb.D_TYPE_UINT32,
+    np.dtype("<i4"): pb.D_TYPE_INT32,
+    np.dtype("<i8"): pb.D_TYPE_INT64,
+    np.dtype("<f2"): pb.D_TYPE_FLOAT16,
+    np.dtype("<f4"): pb.D_TYPE_FLOAT32,
 }
 _FROM_WIRE: dict[int, np.dtype] = {v: k for k, v in _TO_WIRE.items()}
 

@@ -11,8 +11,8 @@ from protos import teacher_pb2 as pb
 
 LOGPROB_DTYPES = {
     pb.LOGPROB_FORMAT_UNSPECIFIED: np.dtype("<f2"),
-    pb.LOGPROB_FLOAT16: np.dtype("<f2"),
-    pb.LOGPROB_FLOAT32: np.dtype("<f4"),
+    pb.LOGPROB_FORMAT_FLOAT16: np.dtype("<f2"),
+    pb.LOGPROB_FORMAT_FLOAT32: np.dtype("<f4"),
 }
 
 

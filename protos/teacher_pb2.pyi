@@ -9,31 +9,42 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    UINT8: _ClassVar[DType]
-    UINT16: _ClassVar[DType]
-    UINT32: _ClassVar[DType]
-    INT32: _ClassVar[DType]
-    INT64: _ClassVar[DType]
-    FLOAT16: _ClassVar[DType]
-    FLOAT32: _ClassVar[DType]
+    D_TYPE_UNSPECIFIED: _ClassVar[DType]
+    D_TYPE_UINT8: _ClassVar[DType]
+    D_TYPE_UINT16: _ClassVar[DType]
+    D_TYPE_UINT32: _ClassVar[DType]
+    D_TYPE_INT32: _ClassVar[DType]
+    D_TYPE_INT64: _ClassVar[DType]
+    D_TYPE_FLOAT16: _ClassVar[DType]
+    D_TYPE_FLOAT32: _ClassVar[DType]
+
+class VocabEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOCAB_ENCODING_UNSPECIFIED: _ClassVar[VocabEncoding]
+    VOCAB_ENCODING_PLAIN: _ClassVar[VocabEncoding]
+    VOCAB_ENCODING_SENTENCEPIECE: _ClassVar[VocabEncoding]
+    VOCAB_ENCODING_BYTE_LEVEL: _ClassVar[VocabEncoding]
 
 class LogprobFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LOGPROB_FORMAT_UNSPECIFIED: _ClassVar[LogprobFormat]
-    LOGPROB_FLOAT16: _ClassVar[LogprobFormat]
-    LOGPROB_FLOAT32: _ClassVar[LogprobFormat]
-DTYPE_UNSPECIFIED: DType
-UINT8: DType
-UINT16: DType
-UINT32: DType
-INT32: DType
-INT64: DType
-FLOAT16: DType
-FLOAT32: DType
+    LOGPROB_FORMAT_FLOAT16: _ClassVar[LogprobFormat]
+    LOGPROB_FORMAT_FLOAT32: _ClassVar[LogprobFormat]
+D_TYPE_UNSPECIFIED: DType
+D_TYPE_UINT8: DType
+D_TYPE_UINT16: DType
+D_TYPE_UINT32: DType
+D_TYPE_INT32: DType
+D_TYPE_INT64: DType
+D_TYPE_FLOAT16: DType
+D_TYPE_FLOAT32: DType
+VOCAB_ENCODING_UNSPECIFIED: VocabEncoding
+VOCAB_ENCODING_PLAIN: VocabEncoding
+VOCAB_ENCODING_SENTENCEPIECE: VocabEncoding
+VOCAB_ENCODING_BYTE_LEVEL: VocabEncoding
 LOGPROB_FORMAT_UNSPECIFIED: LogprobFormat
-LOGPROB_FLOAT16: LogprobFormat
-LOGPROB_FLOAT32: LogprobFormat
+LOGPROB_FORMAT_FLOAT16: LogprobFormat
+LOGPROB_FORMAT_FLOAT32: LogprobFormat
 
 class Array(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -50,7 +61,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "tokenizer_fingerprint", "vocab_size", "tokenizer_size", "special_token_ids", "max_top_k", "max_texts_per_request", "max_tokens_per_text", "max_tokens_per_request", "max_message_bytes", "dtype", "device", "backend", "add_bos", "server_version")
+    __slots__ = ("model_name", "architecture", "tokenizer_fingerprint", "vocab_size", "tokenizer_size", "special_token_ids", "max_top_k", "max_texts_per_request", "max_tokens_per_text", "max_tokens_per_request", "max_message_bytes", "dtype", "device", "backend", "add_bos", "server_version", "default_top_k", "vocab_encoding", "vocab_byte_fallback")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +78,9 @@ class TeacherInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ADD_BOS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_BYTE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     tokenizer_fingerprint: str
@@ -83,7 +97,10 @@ class TeacherInfo(_message.Message):
     backend: str
     add_bos: bool
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., max_top_k: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., add_bos: _Optional[bool] = ..., server_version: _Optional[str] = ...) -> None: ...
+    default_top_k: int
+    vocab_encoding: VocabEncoding
+    vocab_byte_fallback: bool
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., max_top_k: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., add_bos: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_top_k: _Optional[int] = ..., vocab_encoding: _Optional[_Union[VocabEncoding, str]] = ..., vocab_byte_fallback: _Optional[bool] = ...) -> None: ...
 
 class GetVocabRequest(_message.Message):
     __slots__ = ("chunk_size",)

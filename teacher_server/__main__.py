@@ -4,7 +4,9 @@
     python -m teacher_server --model ./tiny-llama --device cpu --port 0 --metrics-port none
 
 Every setting of ``TeacherConfig`` is a flag; a YAML file (--config) gives the same settings and flags
-override it. SIGTERM / Ctrl-C drain in-flight requests for ``grace_seconds`` before exiting.
+override it. SIGTERM / Ctrl-C drain in-flight requests for ``grace_seconds`` before exiting (status 0). A
+backend that dies for good (``BackendDead``, e.g. vLLM's engine process) makes it report NOT_SERVING and
+exit with status 1, so that its orchestrator (docker restart policy, Kubernetes) restarts it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import types
 import typing
 
 from protos.logs import setup_logging
+from teacher_server.backends.base import BackendDead
 from teacher_server.config import TeacherConfig, load_config
 
 log = logging.getLogger("livefuse.teacher")
+DEAD_GRACE_SECONDS = 1.0  # after the backend died: time for error responses already computed to go out
 
 
 def _optional_int(text: str) -> int | None:
@@ -67,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: TeacherConfig) -> None:
+    """Serves until SIGTERM/SIGINT (drains, returns) or until the backend dies (raises BackendDead)."""
     from teacher_server.server import TeacherServer
 
     server = TeacherServer(config)
@@ -77,12 +82,19 @@ async def serve(config: TeacherConfig) -> None:
     await server.start()
     loading = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
+    dying = asyncio.create_task(server.dead.wait())
+    await asyncio.wait({loading, stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+    failed = loading.exception() if loading.done() else None
+    if failed is not None and not isinstance(failed, BackendDead):
         await server.stop(0)
-        raise loading.exception()
-    await stopping
-    loading.cancel()
+        raise failed
+    if failed is None:
+        await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (loading, stopping, dying):
+        task.cancel()
+    if server.dead.is_set() or failed is not None:  # only a restart helps: exit non-zero
+        await server.stop(DEAD_GRACE_SECONDS)
+        raise BackendDead("the backend died (see the log above); exiting so that it can be restarted")
     await server.stop()
 
 
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("config", extra={"fields": config.model_dump()})
     try:
         asyncio.run(serve(config))
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, BackendDead) as err:
         log.error(str(err))
         sys.exit(f"livefuse-teacher: {err}")
 

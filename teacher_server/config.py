@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protos.config_errors import format_errors
+from teacher_server.limits import CHARS_PER_TOKEN, worst_case_response_bytes
 
 BackendName = Literal["hf", "vllm"]  # the keys of teacher_server.backends.BACKENDS (a test keeps them equal)
 
@@ -34,10 +36,12 @@ class TeacherConfig(BaseModel):
     host: str = Field("0.0.0.0", description="address to bind")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int | None = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one; null disables)")
+    metrics_host: str | None = Field(None, description="address /metrics binds (null: the gRPC host); /metrics has no TLS and no auth, e.g. 127.0.0.1 keeps it on this machine")
     default_top_k: int = Field(10, ge=1, description="top_k used when a request leaves it at 0")
     max_top_k: int = Field(64, ge=1, description="largest top_k a request may ask for")
     max_texts_per_request: int = Field(256, ge=1, description="texts per Score request")
     max_tokens_per_text: int = Field(4096, ge=1, description="teacher tokens per text (longer: rejected, or truncated on request)")
+    max_chars_per_text: int | None = Field(None, ge=1, description=f"characters per text, checked before tokenizing (null: {CHARS_PER_TOKEN} x max_tokens_per_text); longer: rejected, or cut to it before tokenizing on truncate")
     max_tokens_per_request: int = Field(262144, ge=1, description="teacher tokens summed over a request's texts")
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass (the batcher's token budget)")
     max_batch_texts: int = Field(256, ge=1, description="texts per forward pass")
@@ -45,7 +49,10 @@ class TeacherConfig(BaseModel):
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent")
     logprob_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the fp32 log-softmax (0: sized to ~256 MB)")
     pad_to_multiple_of: int = Field(1, ge=1, description="pad batch length to a multiple of this (fewer shapes under --compile)")
-    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize requests")
+    tokenizer_threads: int = Field(2, ge=1, description="threads per tokenizer lane (one lane for texts up to 16,384 characters, one for longer texts)")
+    stream_max_pending: int = Field(32, ge=1, description="ScoreStream flow control: requests read from one stream and not yet answered (scoring, or waiting for the client to read) before the server stops reading it")
+    stream_max_unsent_bytes: int = Field(64 * 1024 * 1024, ge=1, description="ScoreStream flow control: bytes of computed responses waiting for the client to read before the server stops reading the stream")
+    early_refusal: bool = Field(True, description="refuse at once (UNAVAILABLE) a request whose deadline cannot be met given the work queued ahead of it, estimated from the measured scoring rate; false: queue it anyway")
     warmup: bool = Field(True, description="run a forward pass before reporting SERVING")
     tls_cert: str | None = Field(None, description="PEM server certificate chain; enables TLS (with tls_key)")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert")
@@ -54,6 +61,16 @@ class TeacherConfig(BaseModel):
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_chars_per_text(cls, data: object) -> object:
+        """max_chars_per_text left out (or null) follows max_tokens_per_text."""
+        if isinstance(data, dict) and data.get("max_chars_per_text") is None:
+            tokens = data.get("max_tokens_per_text", cls.model_fields["max_tokens_per_text"].default)
+            with contextlib.suppress(TypeError, ValueError):  # an invalid max_tokens_per_text is named by its own check
+                data = {**data, "max_chars_per_text": CHARS_PER_TOKEN * int(tokens)}
+        return data
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -92,7 +109,22 @@ class TeacherConfig(BaseModel):
         for small_name, small, big_name, big in checks:
             if small > big:
                 raise ValueError(f"{small_name}={small} must be <= {big_name}={big}")
+        self._response_fits()
         return self
+
+    def _response_fits(self) -> None:
+        """The largest response the limits allow must fit one gRPC message, or it fails after the work."""
+        worst = worst_case_response_bytes(self.max_tokens_per_request, self.max_top_k, self.max_texts_per_request)
+        if worst > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes={self.max_message_bytes} is too small for the largest response these limits "
+                f"allow: max_tokens_per_request={self.max_tokens_per_request} x max_top_k={self.max_top_k} at "
+                f"fp32 needs up to {worst} bytes; raise max_message_bytes to >= {worst} or lower "
+                "max_tokens_per_request or max_top_k")
+
+    @property
+    def metrics_address(self) -> str:
+        return self.host if self.metrics_host is None else self.metrics_host
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TeacherConfig:

@@ -26,11 +26,16 @@ class TeacherMetrics:
         self.queue_tokens = Gauge("livefuse_teacher_queue_tokens", "Tokens waiting for a forward pass", registry=r)
         self.rejected = Counter("livefuse_teacher_queue_rejections", "Requests refused because the queue was full",
                                 registry=r)
+        self.overloaded = Counter("livefuse_teacher_overload_refusals",
+                                  "Requests refused at once because the work queued ahead would outlast their deadline",
+                                  registry=r)
+        self.address: tuple[str, int] | None = None
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Starts the /metrics endpoint in a daemon thread; returns the bound port."""
+    def serve_http(self, port: int, host: str) -> int:
+        """Starts the /metrics endpoint (plain HTTP, no auth) in a daemon thread; returns the bound port."""
         self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_port)
+        self.address = (host, int(self._http.server_port))
+        return self.address[1]
 
     def close(self) -> None:
         http = getattr(self, "_http", None)

@@ -1,35 +1,53 @@
-"""The Teacher gRPC service: decode and check the request, tokenize, batch-score, encode. Nothing else."""
+"""The Teacher gRPC service: check the request, tokenize, batch-score, encode. Nothing else.
+
+Requests reach it already authenticated and parsed (``teacher_server.gate``); the limits are checked in
+``teacher_server.intake`` as early as each can be; ScoreStream's flow control is ``teacher_server.streaming``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
+import numpy as np
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
-from protos.scores import LOGPROB_DTYPES, TeacherScores, encode_scores
-from teacher_server.batcher import QueueFull, TokenBudgetBatcher
+from protos.scores import TeacherScores, encode_scores
+from teacher_server.backends.base import BackendDead, ScoreOutput
+from teacher_server.batcher import Overloaded, QueueFull, TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
+from teacher_server.intake import (
+    RequestError,
+    check_request,
+    check_request_tokens,
+    check_response_size,
+    cut_to_chars,
+    fit_tokens,
+)
 from teacher_server.metrics import TeacherMetrics
-from teacher_server.tokenizer import Encoded, TeacherTokenizer
+from teacher_server.streaming import StreamBroken, serve_stream
+from teacher_server.tokenizer import Encoded, TeacherTokenizer, TokenizerLanes
 
 log = logging.getLogger("livefuse.teacher.servicer")
 VOCAB_CHUNK = 4096
+VOCAB_FRAMING_BYTES = 1024  # VocabChunk tags and start_id, with room to spare
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def vocab_chunks(sizes: Sequence[int], max_tokens: int, max_bytes: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` ranges of at most ``max_tokens`` tokens and ``max_bytes`` encoded bytes each
+    (``sizes``: each token's bytes on the wire; a chunk holds at least one token)."""
+    start = 0
+    while start < len(sizes):
+        end, used = start, 0
+        while end < len(sizes) and end - start < max_tokens and (end == start or used + sizes[end] <= max_bytes):
+            used += sizes[end]
+            end += 1
+        yield start, end
+        start = end
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
@@ -38,143 +56,124 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     def __init__(self, config: TeacherConfig, metrics: TeacherMetrics) -> None:
         self.config, self.metrics = config, metrics
         self.ready = False
-        self._tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
 
     def attach(self, info: pb.TeacherInfo, tokenizer: TeacherTokenizer, batcher: TokenBudgetBatcher) -> None:
         self.info, self.tokenizer, self.batcher = info, tokenizer, batcher
+        self.lanes = TokenizerLanes(tokenizer, self.config.tokenizer_threads)
         self.vocab = tokenizer.vocab(info.vocab_size)
+        self._vocab_sizes = [len(token.encode()) + 6 for token in self.vocab]  # tag + length + UTF-8
         self.ready = True
 
-    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+    async def _require_ready(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if not self.ready:
+            self.metrics.requests.labels(method, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.TeacherInfo:
-        await self._require_ready(context)
+        await self._require_ready(context, "GetInfo")
         self.metrics.requests.labels("GetInfo", "OK").inc()
         return self.info
 
     async def GetVocab(self, request: pb.GetVocabRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.VocabChunk]:
-        await self._require_ready(context)
-        size = request.chunk_size or VOCAB_CHUNK
-        for start in range(0, len(self.vocab), size):
-            yield pb.VocabChunk(start_id=start, tokens=self.vocab[start:start + size])
+        await self._require_ready(context, "GetVocab")
+        max_bytes = max(self.info.max_message_bytes - VOCAB_FRAMING_BYTES, 1)
+        for start, end in vocab_chunks(self._vocab_sizes, request.chunk_size or VOCAB_CHUNK, max_bytes):
+            yield pb.VocabChunk(start_id=start, tokens=self.vocab[start:end])
         self.metrics.requests.labels("GetVocab", "OK").inc()
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        await self._require_ready(context)
-        response = await self._score_or_error(request, "Score")
+        await self._require_ready(context, "Score")
+        response = await self._score_or_error(request, "Score", context.time_remaining())
         if response.HasField("error"):
             await context.abort(_CODES[response.error.code], response.error.message)
         return response
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
-        await self._require_ready(context)
-        done: asyncio.Queue[pb.ScoreResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
+        await self._require_ready(context, "ScoreStream")
 
-        async def one(request: pb.ScoreRequest) -> None:
-            done.put_nowait(await self._score_or_error(request, "ScoreStream"))
+        async def score(request: pb.ScoreRequest) -> pb.ScoreResponse:
+            return await self._score_or_error(request, "ScoreStream", context.time_remaining())
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await asyncio.gather(*tasks)
-            finally:
-                done.put_nowait(None)
-
-        reader = asyncio.create_task(read())
         try:
-            while (response := await done.get()) is not None:
+            async for response in serve_stream(request_iterator, score, self.config.stream_max_pending,
+                                               self.config.stream_max_unsent_bytes):
                 yield response
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
+        except StreamBroken as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    async def _score_or_error(self, request: pb.ScoreRequest, method: str) -> pb.ScoreResponse:
+    async def _score_or_error(self, request: pb.ScoreRequest, method: str, within_s: float | None
+                              ) -> pb.ScoreResponse:
         """Scores a request; a bad or refused request comes back with ``error`` set, never as an exception."""
         t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
-            return await self._score(request)
+            return await self._score(request, within_s)
         except RequestError as err:
             code = err.code
-            return pb.ScoreResponse(request_id=request.request_id,
-                                    error=pb.ErrorStatus(code=err.code.value[0], message=err.message))
+            return self._error(request, err.code, err.message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except BackendDead as dead:  # UNAVAILABLE: clients retry on another replica while this one restarts
+            code = grpc.StatusCode.UNAVAILABLE
+            return self._error(request, code, f"this teacher's inference engine died and it is shutting down: {dead}")
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("scoring failed")
-            return pb.ScoreResponse(request_id=request.request_id, error=pb.ErrorStatus(
-                code=code.value[0], message=f"internal error while scoring: {type(exc).__name__}: {exc}"))
+            return self._error(request, code, f"internal error while scoring: {type(exc).__name__}: {exc}")
         finally:
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
-    async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
-        top_k = self._check_request(request)
-        texts = list(request.texts)
-        encoded = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenizer.encode, texts)
-        encoded, truncated = self._check_lengths(encoded, request.truncate)
-        try:
-            outputs = await self.batcher.submit([e.ids for e in encoded], top_k)
-        except QueueFull as full:
-            self.metrics.rejected.inc()
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {full}") from None
+    def _error(self, request: pb.ScoreRequest, code: grpc.StatusCode, message: str) -> pb.ScoreResponse:
+        """An error response; like every response it names the tokenizer (clients check it on each one)."""
+        return pb.ScoreResponse(request_id=request.request_id, error=pb.ErrorStatus(code=code.value[0], message=message),
+                                tokenizer_fingerprint=self.info.tokenizer_fingerprint)
+
+    async def _score(self, request: pb.ScoreRequest, within_s: float | None) -> pb.ScoreResponse:
+        top_k = check_request(request, self.info, self.config)
+        texts, cut = cut_to_chars(request.texts, request.truncate, self.config.max_chars_per_text)
+        encoded, truncated = await self._tokenize(texts, request.truncate)
+        check_response_size(encoded, texts, top_k, request, self.info)
+        outputs = await self._submit([e.ids for e in encoded], top_k, within_s)
         self.metrics.tokens.inc(sum(len(e.ids) for e in encoded))
         self.metrics.texts.inc(len(encoded))
         results = [
-            encode_scores(TeacherScores(e.ids, e.offsets, o.topk_ids, o.topk_logprobs, o.next_logprobs, t),
+            encode_scores(TeacherScores(e.ids, e.offsets, o.topk_ids, o.topk_logprobs, o.next_logprobs, c or t),
                           self.info.vocab_size, len(text), request.logprob_format)
-            for e, o, t, text in zip(encoded, outputs, truncated, texts, strict=True)
+            for e, o, c, t, text in zip(encoded, outputs, cut, truncated, texts, strict=True)
         ]
         return pb.ScoreResponse(request_id=request.request_id, results=results,
                                 tokenizer_fingerprint=self.info.tokenizer_fingerprint)
 
-    def _check_request(self, request: pb.ScoreRequest) -> int:
-        """Checks count, top_k, format and empty texts; returns the top_k to use."""
-        n, limit = len(request.texts), self.info.max_texts_per_request
-        if n == 0:
-            raise _invalid("texts: the request has no texts; send 1 to max_texts_per_request "
-                           f"({limit}) non-empty texts")
-        if n > limit:
-            raise _invalid(f"texts: {n} texts exceed max_texts_per_request={limit}")
-        top_k = request.top_k or self.config.default_top_k
-        if top_k > self.info.max_top_k:
-            raise _invalid(f"top_k: {top_k} exceeds max_top_k={self.info.max_top_k}")
-        if request.logprob_format not in LOGPROB_DTYPES:
-            raise _invalid(f"logprob_format: unknown value {request.logprob_format}; accepted: "
-                           + ", ".join(f"{pb.LogprobFormat.Name(v)} ({v})" for v in LOGPROB_DTYPES))
-        for i, text in enumerate(request.texts):
-            if not text:
-                raise _invalid(f"texts[{i}]: empty text; every text must have at least one character")
-        return top_k
+    async def _tokenize(self, texts: list[str], truncate: bool) -> tuple[list[Encoded], list[bool]]:
+        """Tokenizes chunk by chunk, checking each text's tokens and the running total as they come."""
+        encoded: list[Encoded] = []
+        truncated: list[bool] = []
+        total = 0
+        async for start, part in self.lanes.encode(texts):
+            for index, e in enumerate(part, start):
+                e, cut = fit_tokens(e, index, truncate, self.info.max_tokens_per_text)
+                total += len(e.ids)
+                check_request_tokens(total, index, self.info.max_tokens_per_request)
+                encoded.append(e)
+                truncated.append(cut)
+        return encoded, truncated
 
-    def _check_lengths(self, encoded: list[Encoded], truncate: bool) -> tuple[list[Encoded], list[bool]]:
-        limit, out, truncated = self.info.max_tokens_per_text, [], []
-        for i, e in enumerate(encoded):
-            n = len(e.ids)
-            if n == 0:
-                raise _invalid(f"texts[{i}]: the text produced no tokens")
-            if n > limit and not truncate:
-                raise _invalid(f"texts[{i}]: {n} tokens exceed max_tokens_per_text={limit}; "
-                               "shorten the text or set truncate=true")
-            out.append(Encoded(e.ids[:limit], e.offsets[:limit]) if n > limit else e)
-            truncated.append(n > limit)
-        total = sum(len(e.ids) for e in out)
-        if total > self.info.max_tokens_per_request:
-            raise _invalid(f"texts: {total} tokens in total exceed "
-                           f"max_tokens_per_request={self.info.max_tokens_per_request}; split the request")
-        return out, truncated
+    async def _submit(self, seqs: list[np.ndarray], top_k: int, within_s: float | None) -> list[ScoreOutput]:
+        try:
+            return await self.batcher.submit(seqs, top_k, within_s if self.config.early_refusal else None)
+        except QueueFull as full:
+            self.metrics.rejected.inc()
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {full}") from None
+        except Overloaded as late:
+            self.metrics.overloaded.inc()
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"overloaded, retry on another replica: {late}") from None
 
     def close(self) -> None:
-        self._tokenize_pool.shutdown(wait=False)
+        if self.ready:
+            self.lanes.close()
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}

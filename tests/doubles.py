@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,10 +15,13 @@ from teacher_server.backends.base import ScoreOutput
 class ControlledBackend:
     """A real backend whose forwards after the first ``hold_after`` wait until ``release`` is set
     (``hold_after=0``: every forward waits); ``held`` is set when one waits, ``scored`` lists the id
-    sequences that reached it. Tests use it to fill queues, cancel requests and kill servers mid-forward."""
+    sequences that reached it. Tests use it to fill queues, cancel requests and kill servers mid-forward.
+    ``seconds_per_token`` > 0 makes each forward also take that long per padded token: a slower (bigger)
+    model with the same, real outputs, so the server's measured scoring rate is known."""
 
-    def __init__(self, inner: Any, hold_after: int | None = None) -> None:
+    def __init__(self, inner: Any, hold_after: int | None = None, seconds_per_token: float = 0.0) -> None:
         self.inner, self.hold_after = inner, hold_after
+        self.seconds_per_token = seconds_per_token
         self.calls = 0
         self.scored: list[list[int]] = []
         self.held, self.release = threading.Event(), threading.Event()
@@ -44,4 +48,6 @@ class ControlledBackend:
         if hold and not self.release.is_set():
             self.held.set()
             assert self.release.wait(120), "the test never released the held forward"
+        if self.seconds_per_token:
+            time.sleep(self.seconds_per_token * len(batch) * max(len(ids) for ids in batch))
         return self.inner.score(batch, top_k)

@@ -3,7 +3,8 @@
 Pure maths: vocabularies come in as ``list[str]`` (index = token id, raw strings as the tokenizer
 stores them; ``""`` for ids past the tokenizer's size, as padded output layers have), maps go out as
 numpy arrays. Conventions (SentencePiece ``▁``, byte-fallback ``<0x0A>``, GPT-2 byte-level
-``Ġ``/``Ċ``) are detected from the vocabulary itself, never from a tokenizer class name.
+``Ġ``/``Ċ``) are detected from the vocabulary itself, never from a tokenizer class name
+(``protos.vocabulary``, shared with the teacher, which reports them in ``TeacherInfo``).
 
 A token's *canonical string* is the bytes it stands for, decoded as latin-1 (one char per byte), so
 ``"▁hello"``, ``"Ġhello"`` and ``" hello"`` all become ``" hello"`` and ``"<0x0A>"``/``"Ċ"`` become
@@ -12,19 +13,23 @@ A token's *canonical string* is the bytes it stands for, decoded as latin-1 (one
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-SPM_MARKER = "\u2581"
-BYTE_LEVEL_SPACE = "\u0120"  # "Ġ"
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_SPECIAL = re.compile(r"^(<\|[^|<>]+\|>|\[[A-Z]+\d*\]|<unk>|<s>|</s>|<pad>|<mask>|<bos>|<eos>)$")
+# The token-string conventions are part of the wire contract (TeacherInfo.vocab_encoding): one definition,
+# in protos.vocabulary (pure standard library; the core's only import of protos, see pyproject.toml).
+from protos.vocabulary import (
+    BYTE_TOKEN,
+    Conventions,
+    byte_level_decoder,
+    detect_conventions,
+    is_special,
+    token_bytes,
+)
+
 # Special tokens map across tokenizers by role (never by edit distance to ordinary text tokens).
 SPECIAL_ROLES: dict[str, str] = {
     "</s>": "eos", "<eos>": "eos", "<|endoftext|>": "eos", "<|end_of_text|>": "eos", "<|im_end|>": "eos",
@@ -33,60 +38,6 @@ SPECIAL_ROLES: dict[str, str] = {
 }
 NO_TOKEN = -1  # map value of a source id with no target counterpart (padding ids, role-less specials)
 _MINED_CHUNK = 1024
-
-
-@cache
-def byte_level_decoder() -> dict[str, int]:
-    """GPT-2's printable-unicode alphabet → byte (the inverse of ``bytes_to_unicode``)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """How a vocabulary writes spaces and bytes, detected by :func:`detect_conventions`."""
-
-    spm_marker: bool  # "▁" stands for a space
-    byte_fallback: bool  # "<0xNN>" tokens stand for single bytes
-    byte_level: bool  # every char is one of GPT-2's 256 byte characters ("Ġ" = space, "Ċ" = newline)
-
-
-def is_special(token: str) -> bool:
-    """Control tokens such as ``</s>``, ``<|endoftext|>``, ``[PAD50427]``."""
-    return bool(_SPECIAL.match(token))
-
-
-def detect_conventions(tokens: Sequence[str]) -> Conventions:
-    """Detects the space marker and byte conventions from the token strings alone."""
-    text = [t for t in tokens if t and not is_special(t)]
-    if not text:
-        return Conventions(False, False, False)
-    alphabet = byte_level_decoder()
-    in_alphabet = sum(all(c in alphabet for c in t) for t in text) / len(text)
-    byte_level = in_alphabet >= 0.9 and any(BYTE_LEVEL_SPACE in t for t in text)
-    spm = not byte_level and sum(t.startswith(SPM_MARKER) for t in text) / len(text) >= 0.02
-    byte_fallback = len({t.upper() for t in text if _BYTE_TOKEN.match(t)}) == 256
-    return Conventions(spm_marker=spm, byte_fallback=byte_fallback, byte_level=byte_level)
-
-
-def token_bytes(token: str, conv: Conventions) -> bytes:
-    """The bytes a token stands for; a special token stands for its own name."""
-    if conv.byte_fallback and (m := _BYTE_TOKEN.match(token)):
-        return bytes([int(m.group(1), 16)])
-    if is_special(token):
-        return token.encode("utf-8")
-    if conv.byte_level:
-        alphabet = byte_level_decoder()
-        return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode("utf-8") for c in token)
-    if conv.spm_marker:
-        token = token.replace(SPM_MARKER, " ")
-    return token.encode("utf-8")
 
 
 def canonical_strings(tokens: Sequence[str], conv: Conventions | None = None) -> list[str]:
@@ -109,7 +60,7 @@ def _emit_rank(token: str, conv: Conventions) -> int:
     only where no ordinary token fits)."""
     if is_literal(token, conv):
         return 0
-    return 2 if conv.byte_fallback and _BYTE_TOKEN.match(token) else 1
+    return 2 if conv.byte_fallback and BYTE_TOKEN.match(token) else 1
 
 
 def _preferred_ids(tokens: Sequence[str], canon: Sequence[str], conv: Conventions) -> dict[str, int]:

@@ -4,8 +4,11 @@
     info, vocab = client.info(), client.vocab()
     scores = client.score(["some text"], top_k=10)                   # list[TeacherScores]
 
-Every call has a deadline. gRPC's own retry policy retries UNAVAILABLE (a replica going away) with
-backoff; other codes surface as ``grpc.RpcError`` at once.
+Every call has a deadline. Replicas are picked round-robin among those whose standard health service says
+SERVING (gRPC's client-side health checking): a replica still loading or draining gets no calls. gRPC's own
+retry policy retries UNAVAILABLE with backoff, on the next replica the round-robin picks: a replica going
+away, or one refusing a request at once because the work queued ahead would outlast its deadline (the
+teacher's overload answer). Other codes surface as ``grpc.RpcError`` at once.
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.scores import TeacherScores, decode_scores
 
+TEACHER_SERVICE = "livefuse.v1.Teacher"
+
 
 def service_config(max_attempts: int) -> dict:
-    """Round-robin over the endpoints; gRPC retries UNAVAILABLE itself (attempts include the first; 1: none)."""
-    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    """Round-robin over the SERVING endpoints; gRPC retries UNAVAILABLE itself (attempts include the first;
+    1: none). UNAVAILABLE, not RESOURCE_EXHAUSTED, is retried: the teacher answers overload with it, and
+    RESOURCE_EXHAUSTED also means "message too large", which no retry can fix."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}],
+                    "healthCheckConfig": {"serviceName": TEACHER_SERVICE}}
     if max_attempts >= 2:
         config["methodConfig"] = [{
-            "name": [{"service": "livefuse.v1.Teacher"}],
+            "name": [{"service": TEACHER_SERVICE}],
             "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
         }]
@@ -138,12 +146,12 @@ class TeacherClient:
         return tokens
 
     def request(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-                logprob_format: int = pb.LOGPROB_FLOAT16) -> pb.ScoreRequest:
+                logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16) -> pb.ScoreRequest:
         return pb.ScoreRequest(texts=list(texts), top_k=top_k, truncate=truncate, logprob_format=logprob_format,
                                request_id=str(next(self._ids)))
 
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-              logprob_format: int = pb.LOGPROB_FLOAT16, timeout: float | None = None,
+              logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16, timeout: float | None = None,
               expect_fingerprint: str | None = None) -> list[TeacherScores]:
         """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered."""
         response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),

@@ -22,6 +22,7 @@ CENormalization = Literal["token", "char"]
 AvgWeighting = Literal["paper", "softmax"]
 FusionLossName = Literal["ce", "kl"]
 FailurePolicy = Literal["wait", "skip", "fail"]
+TrackerName = Literal["tensorboard", "wandb", "trackio"]  # the keys of run_log.TRACKERS (a test keeps them equal)
 
 
 def _existing_file(path: str | None, field: str) -> str | None:
@@ -143,6 +144,17 @@ class RunConfig(_Strict):
     vocab_cache_dir: str | None = Field(None, description="where vocab maps are cached (default: the livefuse cache)")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for each source at start")
     progress: bool = Field(True, description="show a progress bar")
+    report_to: list[TrackerName] = Field(["tensorboard"], description="experiment trackers besides metrics.jsonl "
+                                         "(always written): tensorboard | wandb | trackio; [] for none")
+    project: str = Field("livefuse", min_length=1, description="project the run is filed under in W&B / trackio")
+    run_name: str | None = Field(None, description="run name in the trackers (default: output_dir's folder name)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"report_to lists a tracker twice: {v}")
+        return v
 
 
 class TrainerConfig(_Strict):

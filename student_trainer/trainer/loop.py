@@ -9,7 +9,6 @@ predicted tokens in the whole step, over all micro-batches and ranks.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from student_trainer.trainer.run_setup import Run, build_run
 from student_trainer.trainer.sources import SourceChanged, SourceFailed
 from student_trainer.trainer.stats import FusionStats, StepRecord
 from student_trainer.trainer.stopping import Interrupted, Position, StopFlag
-
-log = logging.getLogger("livefuse.trainer")
 
 
 def _tensor(x, device: torch.device) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 A backend module exposes ``load(config) -> (backend, TeacherTokenizer)``; ``teacher_server.backends.BACKENDS``
 names them, and the chosen one is imported only when it is used (vLLM is optional and CUDA-only).
+
+Two kinds: a ``Backend`` scores one batch per blocking ``score`` call, and the server's token-budget batcher
+forms the batches (HF); an ``EngineBackend`` batches across concurrent ``score_async`` calls itself (vLLM's
+async engine), and the server hands it each request at once. Either raises ``BackendDead`` when it can
+never score again: the server reports NOT_SERVING and the process exits non-zero, so that its orchestrator
+restarts it. Any other exception fails only the requests of that call.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ class ScoreOutput:
     next_logprobs: np.ndarray  # (n-1,) float32
 
 
-class Backend(Protocol):
+class BackendDead(RuntimeError):
+    """The backend cannot score any more (e.g. vLLM's engine process died); only a restart helps."""
+
+
+class BackendInfo(Protocol):
+    """What the server reports about every backend (TeacherInfo)."""
+
     name: str
     architecture: str
     vocab_size: int
@@ -30,8 +42,22 @@ class Backend(Protocol):
     device: str
     max_positions: int | None
 
+
+class Backend(BackendInfo, Protocol):
     def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
         """Scores id sequences (each (n,), n >= 1, no BOS; the backend adds it if configured)."""
+        ...
+
+
+class EngineBackend(BackendInfo, Protocol):
+    """A backend whose engine batches across concurrent calls (continuous batching)."""
+
+    async def score_async(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+        """Scores id sequences (as ``Backend.score``); called concurrently, once per request."""
+        ...
+
+    def close(self) -> None:
+        """Stops the engine (the server has stopped serving)."""
         ...
 
 

@@ -1,35 +1,50 @@
-"""vLLM backend (``livefuse-teacher --backend vllm --model FOLDER``): scores id sequences with prompt logprobs.
+"""vLLM backend (``livefuse-teacher --backend vllm --model FOLDER``): scores id sequences with prompt logprobs
+through vLLM's async engine (``AsyncLLM``), one engine request per text. Written against vLLM 0.33.0.
 
-Each sequence becomes one ``TokensPrompt`` (ids used as given: vLLM adds no BOS to token-id prompts) with
-``SamplingParams(max_tokens=1, prompt_logprobs=k, logprobs=k)``; one ``LLM.generate`` call scores the
-whole batch. vLLM's ``prompt_logprobs`` has one entry per prompt token — ``None`` for the first, then the
-distribution that *predicted* that token — so it covers every position but the last; the last position's
-distribution is the one the single generated token was sampled from (``outputs[0].logprobs[0]``).
-Both are raw log-softmax of the model's logits (vLLM's default ``logprobs_mode="raw_logprobs"``, and
-temperature 1 with no penalties for versions without that setting). See docs/VLLM.md.
+``score_async`` submits every text of a gRPC request as its own engine request the moment it arrives, so
+vLLM's scheduler batches continuously across all requests in flight (a long text does not hold back the
+ones behind it, as one blocking ``LLM.generate`` per batch would). Each text is ``tokens_input(ids)`` (BOS
+first with --add-bos; vLLM adds none to token inputs) scored with ``SamplingParams(max_tokens=1,
+prompt_logprobs=k, logprobs=k, detokenize=False, output_kind=FINAL_ONLY, flat_logprobs=True)``.
+vLLM's prompt logprobs have one entry per prompt token — none for the first, then the distribution that
+*predicted* that token — so they cover every position but the last; the last position's distribution is
+the one the single generated token was sampled from. Both are the log-softmax of the raw logits (vLLM's
+default ``logprobs_mode="raw_logprobs"``). An engine that died (``EngineDeadError``) raises
+``BackendDead``: the server then reports NOT_SERVING and exits non-zero. See docs/VLLM.md.
 
 vLLM is optional and CUDA-only: it is imported inside ``load_vllm`` only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 import numpy as np
 
-from teacher_server.backends.base import ScoreOutput, max_positions
+from teacher_server.backends.base import BackendDead, ScoreOutput
 from teacher_server.config import TeacherConfig
 from teacher_server.tokenizer import TeacherTokenizer
 
 log = logging.getLogger("livefuse.teacher.vllm")
 
-MISSING_VLLM = "backend=vllm needs the vllm package (pip install 'livefuse[vllm]') on a CUDA machine"
-GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of GPU memory for weights + KV cache + activations
-PROMPT_LOGPROB_BYTES = 10     # per (token, vocab entry): bf16 logits + fp32 copy + fp32 log-softmax
+VLLM_CHECKED = (0, 33)      # the release this module was read against (pyproject: vllm>=0.33,<0.34)
+GGUF_PLUGIN_SINCE = (0, 24)  # GGUF left vLLM's core for the vllm-gguf-plugin package
+MISSING_VLLM = ("backend=vllm needs the vllm package (pip install 'livefuse[vllm]', vLLM 0.33 needs "
+                "Python >= 3.11) on a CUDA machine")
+GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33's default share of GPU memory (CacheConfig.gpu_memory_utilization)
+PROMPT_LOGPROB_BYTES = 10      # per (token, vocab entry): bf16 logits + fp32 copy + fp32 log-softmax
+# vLLM's keys for a model's longest sequence (ModelArchConfigConvertor.derive_max_model_len_and_key)
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 Position = Mapping[int, Any]  # vLLM's {token_id: Logprob(logprob, rank, decoded_token)} for one position
 
@@ -71,6 +86,41 @@ def prompt_logprobs_to_output(prompt_logprobs: Sequence[Position | None], last: 
     return ScoreOutput(topk_ids, topk_logprobs, next_logprobs)
 
 
+def _flat_rows(flat: Any, first: int, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, k + 1) ids and log-probs of positions first .. first+count-1 of a ``FlatLogprobs``.
+
+    vLLM appends each position as [actual token, top-1 .. top-k] (``append_fast``, no dedup), so every
+    position has exactly k + 1 entries and the columns come out as one reshape.
+    """
+    if count == 0:
+        return np.empty((0, k + 1), np.int64), np.empty((0, k + 1), np.float32)
+    starts = np.asarray(flat.start_indices[first:first + count])
+    ends = np.asarray(flat.end_indices[first:first + count])
+    if len(starts) != count or np.any(ends - starts != k + 1):
+        raise ValueError(f"expected {count} positions of {k + 1} flat log-prob entries from {first}")
+    lo, hi = int(starts[0]), int(ends[-1])
+    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(count, k + 1)
+    return ids, np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(count, k + 1)
+
+
+def flat_logprobs_to_output(prompt: Any, sample: Any, n: int, top_k: int, bos: bool) -> ScoreOutput:
+    """Same as ``prompt_logprobs_to_output`` for vLLM's ``FlatLogprobs`` (``flat_logprobs=True``), in numpy.
+
+    prompt: n + bos positions (the first empty); sample: the first sampled token's position. Row j comes
+    from prompt position j + bos + 1 (its column 0, the actual token, is next_logprobs[j]); the last row
+    from the sample. Top-k columns are re-sorted by (-log-prob, id), as the dict path sorts them.
+    """
+    if len(prompt) != n + int(bos):
+        raise ValueError(f"got {len(prompt)} prompt log-prob entries for {n + int(bos)} prompt tokens")
+    prompt_ids, prompt_lps = _flat_rows(prompt, int(bos) + 1, n - 1, top_k)
+    sample_ids, sample_lps = _flat_rows(sample, 0, 1, top_k)
+    ids = np.concatenate([prompt_ids, sample_ids])[:, 1:]
+    lps = np.concatenate([prompt_lps, sample_lps])[:, 1:]
+    order = np.lexsort((ids, -lps), axis=-1)
+    return ScoreOutput(np.take_along_axis(ids, order, -1).astype(np.int32), np.take_along_axis(lps, order, -1),
+                       prompt_lps[:, 0].copy())
+
+
 def memory_fraction(total_bytes: int | None, chunk_tokens: int, vocab_size: int,
                     base: float = GPU_MEMORY_UTILIZATION, floor: float = 0.5) -> float:
     """vLLM's gpu_memory_utilization leaving room for one chunk's full-vocab prompt log-softmax.
@@ -85,33 +135,97 @@ def memory_fraction(total_bytes: int | None, chunk_tokens: int, vocab_size: int,
     return max(floor, round(base - spike / total_bytes, 3))
 
 
+def vllm_max_model_len(text_config: Any) -> int | None:
+    """The longest sequence vLLM allows for a model config, derived as vLLM 0.33 derives it: the smallest
+    value of its length keys, unless ``model_max_length`` is set, which overrides them. None: no key.
+
+    (vLLM may further multiply by a RoPE scaling factor; leaving that out can only give a smaller length,
+    which vLLM never refuses, where the first key found could give a larger one, which it does refuse.)
+    """
+    values = [getattr(text_config, key, None) for key in MAX_LEN_KEYS]
+    lengths = [int(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and v > 0]
+    override = getattr(text_config, "model_max_length", None)
+    if isinstance(override, int | float) and override > 0:
+        return int(override)
+    return min(lengths) if lengths else None
+
+
+@dataclass(frozen=True)
+class VLLMApi:
+    """The pieces of vLLM the backend calls; ``load_vllm`` passes vLLM's own, tests pass doubles."""
+
+    sampling_params: Any                          # vllm.SamplingParams
+    tokens_input: Any                             # vllm.inputs.tokens_input(prompt_token_ids)
+    final_only: Any                               # vllm.sampling_params.RequestOutputKind.FINAL_ONLY
+    dead_errors: tuple[type[BaseException], ...]  # (vllm.v1.engine.exceptions.EngineDeadError,)
+
+
 class VLLMBackend:
-    """Scores id sequences through a ``vllm.LLM`` (one GPU, or tensor-parallel as vLLM is configured)."""
+    """Scores id sequences through a ``vllm.v1.engine.async_llm.AsyncLLM``, one engine request per text."""
 
     name = "vllm"
     device = "cuda"
 
-    def __init__(self, llm: Any, *, bos_id: int | None = None) -> None:
-        from vllm import SamplingParams, TokensPrompt
-
-        self.llm = llm
-        self._params, self._prompt = SamplingParams, TokensPrompt
-        model_config = llm.llm_engine.model_config
+    def __init__(self, engine: Any, api: VLLMApi, *, bos_id: int | None = None) -> None:
+        self.engine, self.api = engine, api
+        model_config = engine.model_config
         self.architecture = (getattr(model_config.hf_config, "architectures", None) or ["unknown"])[0]
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.max_positions: int | None = int(model_config.max_model_len) - 1  # room for the sampled token
         self.bos_id = bos_id
+        # FlatLogprobs (in 0.33): a few flat lists per request instead of a dict per position (guarded)
+        self.flat = "flat_logprobs" in getattr(api.sampling_params, "__struct_fields__", ())
+        self._params: dict[int, Any] = {}
+        self._request_ids = itertools.count()
 
-    def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+    def params(self, top_k: int) -> Any:
+        """The SamplingParams of a top-k scoring request (built once per k)."""
+        if top_k not in self._params:
+            flat = {"flat_logprobs": True} if self.flat else {}
+            self._params[top_k] = self.api.sampling_params(
+                max_tokens=1, temperature=1.0, logprobs=top_k, prompt_logprobs=top_k, detokenize=False,
+                output_kind=self.api.final_only, **flat)
+        return self._params[top_k]
+
+    async def score_async(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+        """Submits every sequence at once; vLLM batches them with everything else in flight."""
+        tasks = [asyncio.ensure_future(self._score_one(ids, top_k)) for ids in batch]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # no-op when done; aborts the others in vLLM when one failed or the caller left
+                task.cancel()
+
+    async def _score_one(self, ids: np.ndarray, top_k: int) -> ScoreOutput:
         prefix = [self.bos_id] if self.bos_id is not None else []
-        prompts = [self._prompt(prompt_token_ids=prefix + [int(t) for t in seq]) for seq in batch]
-        params = self._params(max_tokens=1, temperature=1.0, logprobs=top_k, prompt_logprobs=top_k,
-                              detokenize=False)
-        results = self.llm.generate(prompts, params, use_tqdm=False)
-        return [prompt_logprobs_to_output(r.prompt_logprobs, r.outputs[0].logprobs[0], seq, top_k,
-                                          bos=self.bos_id is not None)
-                for r, seq in zip(results, batch, strict=True)]
+        prompt = self.api.tokens_input(prefix + [int(t) for t in ids])
+        final = None
+        try:
+            async for output in self.engine.generate(prompt, self.params(top_k), f"lf-{next(self._request_ids)}"):
+                final = output
+        except self.api.dead_errors as err:
+            raise BackendDead(f"vLLM's engine died: {err}") from err
+        except Exception as err:
+            if getattr(self.engine, "errored", False):  # e.g. the output handler failed: no request can succeed
+                cause = err.__cause__ or err  # AsyncLLM.generate wraps it in an EngineGenerateError
+                raise BackendDead(f"vLLM's engine stopped after: {type(cause).__name__}: {cause}") from err
+            raise
+        if final is None:
+            raise RuntimeError("vLLM finished a scoring request without an output")
+        return self.convert(final, ids, top_k)
+
+    def convert(self, output: Any, ids: np.ndarray, top_k: int) -> ScoreOutput:
+        """A finished ``RequestOutput`` -> ScoreOutput (flat lists in numpy, or the dicts)."""
+        prompt, sample = output.prompt_logprobs, output.outputs[0].logprobs
+        bos = self.bos_id is not None
+        if hasattr(prompt, "start_indices") and hasattr(sample, "start_indices"):
+            return flat_logprobs_to_output(prompt, sample, len(ids), top_k, bos)
+        return prompt_logprobs_to_output(prompt, sample[0], ids, top_k, bos)
+
+    def close(self) -> None:
+        """Stops vLLM's engine process."""
+        self.engine.shutdown()
 
 
 def _check_device(config: TeacherConfig) -> None:
@@ -122,31 +236,63 @@ def _check_device(config: TeacherConfig) -> None:
                          f"set CUDA_VISIBLE_DEVICES={config.device.split(':')[1]} and device=cuda")
 
 
+def release(version: str) -> tuple[int, int]:
+    """'0.33.0+cu130' -> (0, 33); (0, 0) for an unparsable version."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_gguf_plugin(config: TeacherConfig, vllm_version: str) -> None:
+    """GGUF needs the vllm-gguf-plugin on vLLM >= 0.24: installed (its ``vllm.general_plugins`` entry point
+    ``gguf``) and not excluded by ``VLLM_PLUGINS``; otherwise fail now, before vLLM starts."""
+    if not config.gguf_file or release(vllm_version) < GGUF_PLUGIN_SINCE:
+        return
+    where = f"gguf_file={config.gguf_file}: vLLM {vllm_version} reads GGUF only through the vllm-gguf-plugin"
+    if "gguf" not in {ep.name for ep in entry_points(group="vllm.general_plugins")}:
+        raise ValueError(f"{where} package, which is not installed: pip install vllm-gguf-plugin (built "
+                         "against vLLM's torch, see docs/VLLM.md), or serve the GGUF with backend=hf")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "gguf" not in allowed.split(","):
+        raise ValueError(f"{where}, and VLLM_PLUGINS={allowed!r} does not load it: add gguf to VLLM_PLUGINS")
+
+
+def use_spawn() -> None:
+    """vLLM forks its engine process by default; a fork of this process (gRPC threads, an event loop) is
+    unsafe, so make vLLM spawn it (``VLLM_WORKER_MULTIPROC_METHOD``, read when the engine starts)."""
+    previous = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+    if previous not in (None, "spawn"):
+        log.warning("VLLM_WORKER_MULTIPROC_METHOD=%s replaced by spawn: the gRPC server runs in this process",
+                    previous)
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+
 def _engine_args(config: TeacherConfig, vocab_size: int, positions: int | None,
                  total_bytes: int | None) -> dict:
-    """Keyword arguments for ``vllm.LLM``: our limits become vLLM's, so requests never exceed them."""
+    """Keyword arguments for ``vllm.AsyncEngineArgs``: our limits become vLLM's, so requests never exceed them."""
     model = os.path.join(config.model, config.gguf_file) if config.gguf_file else config.model
     max_model_len = config.max_tokens_per_text + int(config.add_bos) + 1  # + the one sampled token
     if positions is not None:
         max_model_len = min(max_model_len, positions)
-    chunk = max(config.max_batch_tokens, max_model_len)
+    # vLLM refuses max_num_batched_tokens < max_num_seqs; a whole prompt per step keeps one chunk per text
+    chunk = max(config.max_batch_tokens, max_model_len, config.max_batch_texts)
     return dict(
         model=model, tokenizer=config.tokenizer or config.model, skip_tokenizer_init=True,
         dtype="bfloat16" if config.dtype == "auto" else config.dtype,
         trust_remote_code=config.trust_remote_code, max_logprobs=config.max_top_k,
-        max_model_len=max_model_len, max_num_batched_tokens=chunk, enable_prefix_caching=False,
-        gpu_memory_utilization=memory_fraction(total_bytes, min(chunk, max_model_len), vocab_size), seed=0,
+        max_model_len=max_model_len, max_num_seqs=config.max_batch_texts, max_num_batched_tokens=chunk,
+        enable_prefix_caching=False, seed=0,
+        gpu_memory_utilization=memory_fraction(total_bytes, min(chunk, max_model_len), vocab_size),
     )
 
 
 def _model_shape(config: TeacherConfig) -> tuple[int, int | None]:
-    """(vocab size, max positions) from the model's config, before vLLM loads it."""
+    """(vocab size, max model length as vLLM derives it) from the model's config, before vLLM loads it."""
     from transformers import AutoConfig
 
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, **extra)
     text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
-    return int(text_config.vocab_size), max_positions(text_config)
+    return int(text_config.vocab_size), vllm_max_model_len(text_config)
 
 
 def _total_memory(platform: Any) -> int | None:
@@ -157,8 +303,21 @@ def _total_memory(platform: Any) -> int | None:
         return None
 
 
+def _start_engine(args: dict) -> tuple[Any, VLLMApi]:
+    """vLLM's AsyncLLM (its engine process spawned, not forked) and the API pieces the backend calls."""
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.inputs import tokens_input
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    use_spawn()
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    return engine, VLLMApi(SamplingParams, tokens_input, RequestOutputKind.FINAL_ONLY, (EngineDeadError,))
+
+
 def load_vllm(config: TeacherConfig) -> tuple[VLLMBackend, TeacherTokenizer]:
-    """Builds the vLLM engine and the HF tokenizer the server encodes texts with."""
+    """Checks vLLM and the config, builds the async engine and the HF tokenizer the server encodes with."""
     _check_device(config)
     try:
         import vllm
@@ -167,16 +326,22 @@ def load_vllm(config: TeacherConfig) -> tuple[VLLMBackend, TeacherTokenizer]:
         raise ValueError(MISSING_VLLM) from err
     from transformers import AutoTokenizer
 
+    if release(vllm.__version__) != VLLM_CHECKED:
+        log.warning("vllm %s is not the release this backend was checked against (%d.%d)", vllm.__version__,
+                    *VLLM_CHECKED)
+    check_gguf_plugin(config, vllm.__version__)
     t0 = time.perf_counter()
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     tokenizer = TeacherTokenizer(AutoTokenizer.from_pretrained(
         config.tokenizer or config.model, trust_remote_code=config.trust_remote_code, **extra))
     vocab_size, positions = _model_shape(config)
     args = _engine_args(config, vocab_size, positions, _total_memory(current_platform))
-    backend = VLLMBackend(vllm.LLM(**args), bos_id=tokenizer.bos_id if config.add_bos else None)
+    engine, api = _start_engine(args)
+    backend = VLLMBackend(engine, api, bos_id=tokenizer.bos_id if config.add_bos else None)
     log.info("vllm engine ready", extra={"fields": {
         "model": config.model, "architecture": backend.architecture, "dtype": backend.dtype,
-        "max_model_len": args["max_model_len"], "max_logprobs": args["max_logprobs"],
+        "max_model_len": args["max_model_len"], "max_num_seqs": args["max_num_seqs"],
+        "max_logprobs": args["max_logprobs"], "flat_logprobs": backend.flat,
         "gpu_memory_utilization": args["gpu_memory_utilization"], "vllm": vllm.__version__,
         "seconds": round(time.perf_counter() - t0, 2)}})
     return backend, tokenizer

@@ -24,7 +24,7 @@ def test_round_trip_is_exact(dtype, data):
 
 def test_layout_is_little_endian_c_order():
     message = codec.encode(np.array([[1, 2], [3, 258]], dtype=">u2"))  # big-endian input is converted
-    assert message.dtype == pb.UINT16 and list(message.shape) == [2, 2]
+    assert message.dtype == pb.D_TYPE_UINT16 and list(message.shape) == [2, 2]
     assert message.data == b"\x01\x00\x02\x00\x03\x00\x02\x01"
     fortran = np.asfortranarray(np.arange(6, dtype="<i4").reshape(2, 3))
     assert codec.decode(codec.encode(fortran)).tolist() == [[0, 1, 2], [3, 4, 5]]
@@ -54,6 +54,6 @@ def test_bad_messages_are_refused_with_a_reason():
     with pytest.raises(codec.CodecError, match="unknown Array.dtype"):
         codec.decode(pb.Array(dtype=99, shape=[1], data=b"\x00"))
     with pytest.raises(codec.CodecError, match="needs 8"):
-        codec.decode(pb.Array(dtype=pb.FLOAT32, shape=[2], data=b"\x00" * 7))
+        codec.decode(pb.Array(dtype=pb.D_TYPE_FLOAT32, shape=[2], data=b"\x00" * 7))
     with pytest.raises(codec.CodecError, match="cannot be sent"):
         codec.encode(np.array([1.0], dtype=np.float64))

@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from protos import teacher_pb2 as pb
@@ -47,7 +48,7 @@ BAD_REQUESTS = {
     "empty text": (grpc.StatusCode.INVALID_ARGUMENT, ("texts[1]", "empty"), {"texts": ["a", ""]}),
     "top_k over limit": (grpc.StatusCode.INVALID_ARGUMENT, ("top_k", "17", "max_top_k=16"),
                          {"texts": ["a"], "top_k": 17}),
-    "unknown logprob_format": (grpc.StatusCode.INVALID_ARGUMENT, ("logprob_format", "99", "LOGPROB_FLOAT32"),
+    "unknown logprob_format": (grpc.StatusCode.INVALID_ARGUMENT, ("logprob_format", "99", "LOGPROB_FORMAT_FLOAT32"),
                                {"texts": ["a"], "logprob_format": 99}),
     "over-long text": (grpc.StatusCode.INVALID_ARGUMENT, ("texts[0]", "max_tokens_per_text=32", "truncate"),
                        {"texts": ["word " * 60]}),
@@ -74,8 +75,9 @@ def test_garbage_bytes_do_not_kill_the_server(limited):
                                       response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
         raw(b"\xff\xfe\x00garbage", timeout=10)
-    # grpcio answers a request that does not parse with UNKNOWN before any servicer code runs
-    assert err.value.code() == grpc.StatusCode.UNKNOWN and "parsing" in err.value.details()
+    # parsed by the server's gate, not by grpcio (which would answer UNKNOWN): the field's type is named
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse as livefuse.v1.ScoreRequest" in err.value.details(), err.value.details()
     assert limited.score(["still alive"], top_k=2)
 
 
@@ -160,3 +162,124 @@ def test_stub_without_ready_model_is_unavailable(tiny_model_dirs):
         channel.close()
     finally:
         server.stop()
+
+
+class RecordingTokenizer:
+    """The real tokenizer, recording the length in characters of every text it is asked to tokenize."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.lengths = inner, []
+        for attr in ("hf", "fingerprint", "size", "bos_id", "special_ids"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def encode(self, texts):
+        self.lengths.extend(len(t) for t in texts)
+        return self.inner.encode(texts)
+
+    def vocab(self, vocab_size):
+        return self.inner.vocab(vocab_size)
+
+
+@pytest.fixture
+def recorded(tiny_model_dirs, loaded):
+    backend, tokenizer = loaded["gpt2"]
+    recording = RecordingTokenizer(tokenizer)
+    config = make_config(tiny_model_dirs["gpt2"], max_tokens_per_text=64)
+    with BackgroundServer(config, backend, recording) as server, \
+            TeacherClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+        yield config, recording, client
+
+
+def test_text_over_max_chars_is_refused_before_tokenizing(recorded):
+    config, recording, client = recorded
+    limit = config.max_chars_per_text
+    assert limit == 16 * 64  # default: tied to max_tokens_per_text
+    recording.lengths.clear()
+    t0 = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as err:
+        client.score(["the same words again " * 50_000], top_k=2)  # 1.05 M characters
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for word in ("texts[0]", "1050000 characters", f"max_chars_per_text={limit}", "truncate"):
+        assert word in err.value.details(), err.value.details()
+    assert recording.lengths == [] and time.perf_counter() - t0 < 30  # refused, not tokenized
+    for length, limit_named in ((limit, "max_tokens_per_text"), (limit + 1, "max_chars_per_text")):
+        with pytest.raises(grpc.RpcError) as err:  # at the limit the tokens decide; one more: the characters
+            client.score(["x" * length], top_k=2)
+        assert limit_named in err.value.details(), (length, err.value.details())
+
+
+def test_truncate_cuts_by_characters_before_tokenizing(recorded):
+    config, recording, client = recorded
+    text = "the same words again " * 50_000
+    recording.lengths.clear()
+    got = client.score([text, "short"], top_k=2, truncate=True)
+    assert max(recording.lengths) <= config.max_chars_per_text
+    assert got[0].truncated and len(got[0].input_ids) == 64 and not got[1].truncated
+    alone = client.score([text[:config.max_chars_per_text]], top_k=2, truncate=True)[0]
+    np.testing.assert_array_equal(got[0].input_ids, alone.input_ids)  # = the first 64 tokens of the text
+
+
+def test_a_huge_text_does_not_stall_another_clients_small_request(tiny_model_dirs, loaded):
+    """Two clients' texts of 1.2 M characters are being tokenized (seconds of work each, as many as there
+    are tokenizer threads); a third client's small request is answered before either."""
+    backend, tokenizer = loaded["gpt2"]
+    recording = RecordingTokenizer(tokenizer)
+    config = make_config(tiny_model_dirs["gpt2"], max_tokens_per_text=64, max_chars_per_text=1_200_000)
+    huge = ("def f(x):\n    return x * 2  # a comment\n" * 40_000)[:1_200_000]
+    finished: list[str] = []
+    with BackgroundServer(config, backend, recording) as server:
+        address = f"127.0.0.1:{server.port}"
+
+        def send(name: str, text: str) -> None:
+            with TeacherClient(address, timeout=300) as c:
+                c.score([text], top_k=2, truncate=True)
+            finished.append(name)
+
+        bulk = [threading.Thread(target=send, args=(f"huge-{i}", huge)) for i in range(config.tokenizer_threads)]
+        for thread in bulk:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while recording.lengths.count(len(huge)) < len(bulk) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until every huge text is being tokenized
+        t0 = time.perf_counter()
+        send("small", "a small request from another client")
+        small_s = time.perf_counter() - t0
+        for thread in bulk:
+            thread.join(300)
+    assert finished[0] == "small" and sorted(finished[1:]) == ["huge-0", "huge-1"], finished
+    assert small_s < 10, small_s  # generous: the huge texts take seconds each on a shared 2-core machine
+
+
+def test_a_response_that_would_not_fit_is_refused_before_the_forward(tiny_model_dirs, loaded):
+    """Where the start-up check is bypassed (config built without validation), the request is still refused
+    in band, before any forward, and the metric records the code the client saw."""
+    from teacher_server.config import TeacherConfig
+
+    backend, tokenizer = loaded["gpt2"]
+    recording = ControlledBackend(backend)
+    valid = make_config(tiny_model_dirs["gpt2"], warmup=False)
+    config = TeacherConfig.model_construct(**{**valid.model_dump(), "max_message_bytes": 64 * 1024})
+    with BackgroundServer(config, recording, tokenizer) as server, \
+            TeacherClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        text = "words and more words " * 60  # ~300 tokens: ~160 kB at k = 64 in fp32
+        with pytest.raises(grpc.RpcError) as err:
+            client.score([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_message_bytes=65536" in err.value.details(), err.value.details()
+        (response,) = client.score_stream([client.request([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)])
+        assert response.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert len(client.score([text], top_k=4)[0].input_ids) > 200  # the same text at k = 4 fits
+        counted = server.server.metrics.registry.get_sample_value(
+            "livefuse_teacher_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"})
+    assert recording.calls == 1 and counted == 1  # only the k = 4 request reached the model
+
+
+def test_vocabulary_chunks_fit_the_message_limit_whatever_the_chunk_size_asked(tiny_model_dirs, loaded):
+    backend, tokenizer = loaded["gpt2"]
+    config = make_config(tiny_model_dirs["gpt2"], max_message_bytes=64 * 1024, max_tokens_per_request=80,
+                         max_tokens_per_text=64, max_top_k=16)
+    with BackgroundServer(config, backend, tokenizer) as server, \
+            TeacherClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        chunks = list(client.stub.GetVocab(pb.GetVocabRequest(chunk_size=1_000_000), timeout=30))
+        assert all(c.ByteSize() <= 64 * 1024 for c in chunks) and len(chunks) > 1
+        assert client.vocab() == [t for c in chunks for t in c.tokens]

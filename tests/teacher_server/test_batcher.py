@@ -125,3 +125,71 @@ def test_a_failing_forward_fails_its_callers_and_the_batcher_goes_on():
         return out
 
     assert run(main())[0].topk_ids.shape == (5, 1)
+
+
+def test_queue_gauges_drop_as_soon_as_queued_requests_are_cancelled():
+    from teacher_server.metrics import TeacherMetrics
+
+    score, metrics = RecordingScore(), TeacherMetrics()
+    score.gate.clear()
+
+    def gauges() -> tuple[float | None, float | None]:
+        return (metrics.registry.get_sample_value("livefuse_teacher_queue_texts"),
+                metrics.registry.get_sample_value("livefuse_teacher_queue_tokens"))
+
+    async def main():
+        batcher = TokenBudgetBatcher(score, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=1000,
+                                     metrics=metrics)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit([np.arange(10)], 1))  # enters the (blocked) forward
+        await asyncio.sleep(0.1)
+        queued = [asyncio.create_task(batcher.submit([np.arange(n), np.arange(n + 1)], 1)) for n in (20, 30)]
+        await asyncio.sleep(0.1)
+        before = gauges()
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        after = gauges()  # no new request has arrived, the forward is still held
+        score.gate.set()
+        await first
+        await batcher.stop()
+        return before, after
+
+    before, after = run(main())
+    assert before == (4, 21 + 31 + 20 + 30)
+    assert after == (0, 0)
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
+    """The scoring rate is measured on real forwards; the work queued ahead decides, not the queue size."""
+    import time
+
+    from teacher_server.batcher import Overloaded
+
+    score = RecordingScore()
+
+    def slow(batch, top_k):  # 1 ms per padded token: 1,000 tokens/s
+        time.sleep(0.001 * len(batch) * max(len(s) for s in batch))
+        return score(batch, top_k)
+
+    async def main():
+        batcher = TokenBudgetBatcher(slow, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=100_000)
+        batcher.start()
+        for length in (20, 50, 80):
+            assert batcher.estimated_wait(50) is None  # fewer than MIN_FORWARDS timed: nothing is refused
+            await batcher.submit([np.arange(length)], 1)
+        await batcher.submit([np.arange(50)], 1)
+        assert 0.03 < batcher.estimated_wait(50) < 0.5  # ~1 ms per token
+        backlog = [asyncio.create_task(batcher.submit([np.arange(50)], 1)) for _ in range(40)]  # ~2 s of work
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded, match="deadline"):
+            await batcher.submit([np.arange(50)], 1, within_s=0.5)
+        refused_after = time.perf_counter() - t0
+        late_but_fine = await batcher.submit([np.arange(50)], 1, within_s=30.0)
+        await asyncio.gather(*backlog)
+        await batcher.stop()
+        return refused_after, late_but_fine
+
+    refused_after, out = run(main())
+    assert refused_after < 0.5 and out[0].topk_ids.shape == (50, 1)

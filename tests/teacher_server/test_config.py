@@ -73,3 +73,12 @@ def test_backend_names_are_the_registry_and_flags_list_choices(capsys):
         build_parser().parse_args(["--model", "m", "--dtype", "fp8"])
     err = capsys.readouterr().err
     assert "argument --dtype: invalid choice: 'fp8'" in err and "bfloat16" in err
+
+
+def test_limits_whose_worst_case_response_does_not_fit_the_message_limit_fail_at_start():
+    """max_tokens_per_request x max_top_k at fp32 (8 bytes per entry, plus ids, offsets, framing) must fit."""
+    with pytest.raises(ValueError) as err:
+        load_config(overrides={"model": "m", "max_message_bytes": 64 * 1024 * 1024})  # the defaults need ~139 MB
+    for word in ("max_message_bytes=67108864", "max_tokens_per_request=262144", "max_top_k=64", "fp32"):
+        assert word in str(err.value), str(err.value)
+    load_config(overrides={"model": "m", "max_message_bytes": 64 * 1024 * 1024, "max_top_k": 16})  # fits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import grpc
@@ -128,3 +129,64 @@ def test_cli_help_documents_every_flag():
     for name in TeacherConfig.model_fields:
         assert "--" + name.replace("_", "-") in run.stdout
     assert run.stdout.count("(default:") + run.stdout.count("(required)") >= len(TeacherConfig.model_fields)
+
+
+def test_draining_ends_health_watch_streams_instead_of_waiting_out_the_grace(tiny_model_dirs, loaded):
+    backend, tokenizer = loaded["gpt2"]
+    server = BackgroundServer(make_config(tiny_model_dirs["gpt2"], grace_seconds=30), backend, tokenizer).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="livefuse.v1.Teacher"),
+                                                      timeout=120)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    t0 = time.perf_counter()
+    server.stop(grace=None)  # the configured 30 s grace
+    stopped_s = time.perf_counter() - t0
+    seen = [r.status for r in watch]  # the stream has ended: no error, and the last word is NOT_SERVING
+    channel.close()
+    assert seen and seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert stopped_s < 15, stopped_s  # generous; before the fix: the whole 30 s grace
+
+
+def test_metrics_bind_their_own_address(tiny_model_dirs, loaded, caplog):
+    backend, tokenizer = loaded["gpt2"]
+    config = make_config(tiny_model_dirs["gpt2"], host="0.0.0.0", metrics_port=0, metrics_host="127.0.0.1")
+    with BackgroundServer(config, backend, tokenizer) as server:
+        assert server.server is not None
+        assert server.server.metrics.address == ("127.0.0.1", server.metrics_port)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+    assert b"livefuse_teacher_requests_total" in body
+    assert make_config(tiny_model_dirs["gpt2"]).metrics_host is None  # default: the gRPC address (--host)
+
+
+def test_metrics_open_to_the_network_beside_a_protected_grpc_port_are_warned_about(tiny_model_dirs, loaded,
+                                                                                 tmp_path, caplog):
+    backend, tokenizer = loaded["gpt2"]
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    config = make_config(tiny_model_dirs["gpt2"], metrics_port=0, metrics_host="0.0.0.0",
+                         auth_token_file=str(token))
+    with caplog.at_level("WARNING", logger="livefuse.teacher"), BackgroundServer(config, backend, tokenizer):
+        pass
+    assert any("/metrics" in r.getMessage() and "0.0.0.0" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+
+
+def test_requests_that_never_reach_the_servicer_are_counted(tiny_model_dirs, loaded):
+    """Parse failures (Score, GetInfo) and calls while the model loads appear in requests_total."""
+    backend, tokenizer = loaded["gpt2"]
+    config = make_config(tiny_model_dirs["gpt2"], metrics_port=0)
+    server = BackgroundServer(config, backend, tokenizer, load=False).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for method in ("Score", "GetInfo"):
+                raw = channel.unary_unary(f"/livefuse.v1.Teacher/{method}", request_serializer=None,
+                                          response_deserializer=None)
+                for body in (b"\xff\xfe\x00garbage", b""):  # does not parse; parses but the model is loading
+                    with pytest.raises(grpc.RpcError):
+                        raw(body, timeout=10)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop()
+    for method in ("Score", "GetInfo"):
+        for code in ("INVALID_ARGUMENT", "UNAVAILABLE"):
+            assert f'livefuse_teacher_requests_total{{code="{code}",method="{method}"}} 1.0' in body, (method, code)

@@ -24,7 +24,7 @@ def test_gguf_model_serves_the_same_answer_as_a_direct_forward_and_knows_paris()
     config = make_config(folder, gguf_file=SMOLLM2_GGUF, max_top_k=10)
     with BackgroundServer(config) as server, TeacherClient(f"127.0.0.1:{server.port}", timeout=120) as client:
         info = client.info()
-        got = client.score([TEXT], top_k=5, logprob_format=pb.LOGPROB_FLOAT32)[0]
+        got = client.score([TEXT], top_k=5, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
         vocab = client.vocab()
     assert info.architecture == "LlamaForCausalLM" and info.vocab_size == len(vocab) >= 49152
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)

@@ -37,7 +37,7 @@ def reference(model_dir, text: str, k: int, bos: bool = False):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_score_equals_direct_forward(name, clients, tiny_model_dirs):
-    results = clients[name].score(TEXTS, top_k=8, logprob_format=pb.LOGPROB_FLOAT32)
+    results = clients[name].score(TEXTS, top_k=8, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
     for text, got in zip(TEXTS, results, strict=True):
         ids, top_i, top_v, nxt = reference(tiny_model_dirs[name], text, 8)
         np.testing.assert_array_equal(got.input_ids, ids)
@@ -73,9 +73,9 @@ def test_offsets_slice_the_text_into_the_tokens(name, clients, tiny_model_dirs):
 @pytest.mark.parametrize("name", NAMES)
 def test_alone_and_in_a_batch_of_other_lengths_agree(name, clients):
     client = clients[name]
-    alone = client.score([TEXTS[1]], top_k=5, logprob_format=pb.LOGPROB_FLOAT32)[0]
+    alone = client.score([TEXTS[1]], top_k=5, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
     mixed = client.score([TEXTS[0], TEXTS[2] * 3, TEXTS[1], TEXTS[3]], top_k=5,
-                         logprob_format=pb.LOGPROB_FLOAT32)[2]
+                         logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[2]
     np.testing.assert_array_equal(alone.input_ids, mixed.input_ids)
     np.testing.assert_allclose(alone.topk_logprobs, mixed.topk_logprobs, atol=1e-5)
     np.testing.assert_allclose(alone.next_logprobs, mixed.next_logprobs, atol=1e-5)
@@ -87,13 +87,13 @@ def test_many_concurrent_clients_get_their_own_answers(servers):
     port = servers["gpt2"].port
     texts = [f"client {i}: " + TEXTS[i % 3] * (1 + i % 4) for i in range(12)]
     with TeacherClient(f"127.0.0.1:{port}") as c:
-        expected = [c.score([t], top_k=3, logprob_format=pb.LOGPROB_FLOAT32)[0] for t in texts]
+        expected = [c.score([t], top_k=3, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0] for t in texts]
     failures: list[str] = []
 
     def worker(i: int) -> None:
         with TeacherClient(f"127.0.0.1:{port}") as c:
             for _ in range(3):
-                got = c.score([texts[i]], top_k=3, logprob_format=pb.LOGPROB_FLOAT32)[0]
+                got = c.score([texts[i]], top_k=3, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
                 if not (np.array_equal(got.input_ids, expected[i].input_ids)
                         and np.allclose(got.topk_logprobs, expected[i].topk_logprobs, atol=1e-5)):
                     failures.append(f"client {i} got another answer")
@@ -149,7 +149,7 @@ def test_add_bos_scores_with_bos_prefix_and_returns_text_tokens_only(tiny_model_
     with BackgroundServer(make_config(tiny_model_dirs["llama"], add_bos=True)) as server, \
             TeacherClient(f"127.0.0.1:{server.port}") as client:
         assert client.info().add_bos
-        got = client.score([TEXTS[0]], top_k=4, logprob_format=pb.LOGPROB_FLOAT32)[0]
+        got = client.score([TEXTS[0]], top_k=4, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
     ids, top_i, top_v, nxt = reference(tiny_model_dirs["llama"], TEXTS[0], 4, bos=True)
     np.testing.assert_array_equal(got.input_ids, ids)
     np.testing.assert_allclose(got.topk_logprobs, top_v, atol=2e-5)

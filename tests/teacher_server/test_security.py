@@ -1,11 +1,12 @@
-"""TLS (server certificate, optional client certificates) and a bearer token on every RPC, with a throwaway
-CA made by the test. Without valid credentials a request gets UNAUTHENTICATED (token) or no connection
-(TLS) and nothing else."""
+"""TLS (server certificate, optional client certificates) and a bearer token on every RPC but the health
+service, with a throwaway CA made by the test. Without valid credentials a request gets UNAUTHENTICATED
+(token) before its body is read, or no connection (TLS), and nothing else."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import teacher_pb2 as pb
 from student_trainer.trainer.client import ClientTLS, TeacherClient
@@ -107,14 +109,22 @@ def test_bad_or_missing_token_gets_unauthenticated_on_every_rpc(secure_server, p
             "GetVocab": lambda: c.vocab(timeout=10),
             "Score": lambda: c.score(["x"], top_k=1),
             "ScoreStream": lambda: list(c.score_stream([c.request(["x"], 1)])),
-            "Health": lambda: health_pb2_grpc.HealthStub(c.channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=10, metadata=c.metadata),
+            "Reflection": lambda: list(reflection_pb2_grpc.ServerReflectionStub(c.channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=c.metadata)),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
             assert err.value.details() == "missing or invalid bearer token", name
+
+
+def test_health_answers_without_a_token_and_says_only_the_status(secure_server, pki):
+    """Load balancers, Kubernetes gRPC probes and gRPC's client-side health checking send no token."""
+    with client(secure_server, full_tls(pki), None) as c:
+        response = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert response.ListFields() == [(health_pb2.HealthCheckResponse.DESCRIPTOR.fields_by_name["status"], 1)]
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_server(secure_server):
@@ -190,3 +200,84 @@ def test_no_code_executing_format_crosses_the_wire():
             text = path.read_text()
             for banned in ("import pickle", "import marshal", "import dill", "import cloudpickle", "torch.load("):
                 assert banned not in text, f"{path.name} uses {banned}"
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_model_dirs, loaded, pki):
+    """Bearer token over plaintext, metrics on: what an unauthenticated caller can make the server do."""
+    backend, tokenizer = loaded["gpt2"]
+    config = make_config(tiny_model_dirs["gpt2"], auth_token_file=pki["token"]["path"])
+    with BackgroundServer(config, backend, tokenizer) as server:
+        yield server
+
+
+def requests_counted(server, method: str, code: str) -> float:
+    value = server.server.metrics.registry.get_sample_value(
+        "livefuse_teacher_requests_total", {"method": method, "code": code})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("method", ["Score", "GetInfo", "GetVocab", "ScoreStream"])
+def test_unauthenticated_garbage_is_denied_before_it_is_parsed(token_server, method):
+    before = requests_counted(token_server, method, "UNAUTHENTICATED")
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        path = f"/livefuse.v1.Teacher/{method}"
+        garbage = b"\xff\xfe\x00 not a protobuf message"
+        if method == "ScoreStream":
+            call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(iter([garbage] * 3), timeout=10, metadata=(("authorization", "Bearer wrong"),)))
+        else:
+            call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                call(garbage, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (err.value.code(), err.value.details())
+    assert err.value.details() == "missing or invalid bearer token"
+    assert requests_counted(token_server, method, "UNAUTHENTICATED") == before + 1
+
+
+def test_authenticated_garbage_is_invalid_argument_and_counted(token_server):
+    before = requests_counted(token_server, "Score", "INVALID_ARGUMENT")
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        call = channel.unary_unary("/livefuse.v1.Teacher/Score", request_serializer=None,
+                                   response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\xff\xfe\x00garbage", timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse as livefuse.v1.ScoreRequest" in err.value.details(), err.value.details()
+    assert requests_counted(token_server, "Score", "INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.slow
+def test_unauthenticated_huge_messages_are_not_read(tiny_model_dirs, pki):
+    """Four concurrent unauthenticated 100 MB Score messages: the teacher process does not hold them."""
+    import concurrent.futures
+
+    import psutil
+
+    from student_trainer.demo.teacher_process import TeacherProcess
+
+    with TeacherProcess(tiny_model_dirs["gpt2"], "--device", "cpu", "--auth-token-file", pki["token"]["path"]) as t:
+        process = psutil.Process(t.proc.pid)
+        before = process.memory_info().rss
+        peak = [before]
+        body = b"\x0a" + b"\xff" * (100 * 1024 * 1024)
+
+        def send(_: int) -> grpc.StatusCode:
+            with grpc.insecure_channel(t.address, options=[("grpc.max_send_message_length", 2**30)]) as channel:
+                call = channel.unary_unary("/livefuse.v1.Teacher/Score", request_serializer=None,
+                                           response_deserializer=None)
+                try:
+                    call(body, timeout=60)
+                except grpc.RpcError as err:
+                    return err.code()
+            return grpc.StatusCode.OK
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(send, i) for i in range(4)]
+            while not all(f.done() for f in futures):
+                peak.append(process.memory_info().rss)
+                time.sleep(0.05)
+        codes = [f.result() for f in futures]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert max(peak) - before < 100 * 1024 * 1024, (before, max(peak))  # not even one message held

@@ -1,67 +1,60 @@
-"""The vLLM backend: its conversion of vLLM's logprob structures, its engine settings, and (GPU) real vLLM.
-
-vLLM cannot be installed on the CI machine, so the conversion is checked on structures built exactly as
-vLLM builds them (``vllm/logprobs.py``: ``Logprob`` and ``append_logprobs_for_next_position``), both by
-hand and from a real tiny model's log-softmax, against the HF backend.
+"""The vLLM backend, checked against vLLM 0.33.0's source without running vLLM (CUDA-only; not installable on
+the CI machine): the conversion of its logprob structures (dicts and FlatLogprobs) built as vLLM builds them,
+by hand and from a real tiny model's log-softmax against the HF backend; the engine arguments against
+vLLM's own start-up checks; and ``load_vllm`` end to end with doubles of the vLLM modules it imports
+(fake_vllm.py). Only the ``gpu`` test at the end runs real vLLM.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from teacher_server.backends import load_backend
 from teacher_server.backends.hf import load_hf
 from teacher_server.backends.vllm import (
     GPU_MEMORY_UTILIZATION,
     MISSING_VLLM,
+    VLLM_CHECKED,
     _engine_args,
+    _model_shape,
+    check_gguf_plugin,
+    flat_logprobs_to_output,
+    load_vllm,
     memory_fraction,
     prompt_logprobs_to_output,
     top_k_of,
+    vllm_max_model_len,
 )
 from teacher_server.config import load_config
+from tests import REPO
 
 from ..conftest import make_config
+from . import fake_vllm
+from .fake_vllm import FlatLogprobs, Logprob, vllm_logprobs
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n", "x"]
 
 
-@dataclass
-class Logprob:
-    """Same fields as ``vllm.logprobs.Logprob``."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-def vllm_position(row: np.ndarray, actual: int, k: int) -> dict[int, Logprob]:
-    """One position's dict as vLLM builds it: the actual (prompt or sampled) token first, ranked by the
-    count of entries >= its log-prob, then the top-k with ranks 1..k (an actual token inside the top-k
-    is overwritten by its top-k entry, so the dict has k or k+1 keys)."""
-    top = torch.from_numpy(row).topk(k).indices.tolist()
-    entries = {actual: Logprob(float(row[actual]), int((row >= row[actual]).sum()))}
-    entries.update({t: Logprob(float(row[t]), r) for r, t in enumerate(top, start=1)})
-    return entries
-
-
-def vllm_structures(logp: np.ndarray, prompt: list[int], sampled: int, k: int):
-    """(RequestOutput.prompt_logprobs, outputs[0].logprobs[0]) for a prompt whose log-softmax rows are
-    ``logp`` (N, V): None for the first token, entry p = distribution at p-1 over prompt token p."""
-    prompt_logprobs = [None] + [vllm_position(logp[p - 1], prompt[p], k) for p in range(1, len(prompt))]
-    return prompt_logprobs, vllm_position(logp[-1], sampled, k)
-
-
 def lp(value: float, rank: int | None = None) -> Logprob:
     return Logprob(value, rank)
+
+
+def flat(*positions: list[tuple[int, float]] | None) -> FlatLogprobs:
+    out = FlatLogprobs()
+    for entries in positions:
+        out.append(None if entries is None else [(t, v, 0) for t, v in entries])
+    return out
 
 
 # --- conversion on hand-built structures -------------------------------------------------------------
@@ -116,6 +109,29 @@ def test_wrong_number_of_entries_is_an_error():
         top_k_of({1: lp(-0.1), 2: lp(-0.2)}, 3)
 
 
+def test_flat_logprobs_keep_the_actual_token_apart_and_sort_ties_by_id():
+    """FlatLogprobs: [actual, top-1 .. top-k] per position, a repeated id kept twice (no dict merge);
+    prompt [BOS=1, 10, 11, 12]: position 1 (BOS -> 10) is dropped, positions 2, 3 and the sample give rows."""
+    prompt = flat(None, [(10, -5.0), (77, -0.1), (78, -0.2)],
+                  [(11, -0.3), (11, -0.3), (40, -2.0)],              # actual token inside the top-k
+                  [(12, -4.0), (41, -0.5), (40, -0.5)])              # a tie, listed larger id first
+    sample = flat([(99, -9.0), (50, -0.4), (51, -1.1)])
+    out = flat_logprobs_to_output(prompt, sample, 3, 2, bos=True)
+    np.testing.assert_array_equal(out.topk_ids, [[11, 40], [40, 41], [50, 51]])
+    np.testing.assert_allclose(out.topk_logprobs, [[-0.3, -2.0], [-0.5, -0.5], [-0.4, -1.1]])
+    np.testing.assert_allclose(out.next_logprobs, [-0.3, -4.0])
+    assert out.topk_ids.dtype == np.int32 and out.topk_logprobs.dtype == np.float32
+    one = flat_logprobs_to_output(flat(None), flat([(9, -3.0), (4, -0.2)]), 1, 1, bos=False)
+    assert one.topk_ids.tolist() == [[4]] and one.next_logprobs.shape == (0,)
+
+
+def test_flat_logprobs_with_a_short_position_are_an_error():
+    with pytest.raises(ValueError, match="flat log-prob entries"):
+        flat_logprobs_to_output(flat(None, [(3, -0.1), (3, -0.1)]), flat([(5, -1.0), (5, -1.0)]), 2, 2, bos=False)
+    with pytest.raises(ValueError, match="prompt log-prob entries"):
+        flat_logprobs_to_output(flat(None), flat([(5, -1.0), (5, -1.0)]), 2, 1, bos=False)
+
+
 # --- equivalence with the HF backend on structures rebuilt from a real model ----------------------------
 
 @pytest.mark.parametrize(("name", "bos"), [("llama", False), ("llama", True), ("gpt2", False), ("mpt", False)])
@@ -129,24 +145,28 @@ def test_reconstructed_vllm_output_equals_hf_backend(name, bos, tiny_model_dirs)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0].float(), -1).numpy()
         sampled = int(logp[-1].argmin())  # outside the top-k: the sampled entry is an extra key
-        got = prompt_logprobs_to_output(*vllm_structures(logp, prompt, sampled, k), ids, k, bos=bos)
-        for field in ("topk_ids", "topk_logprobs", "next_logprobs"):
-            assert getattr(got, field).dtype == getattr(expected, field).dtype, field
-            assert getattr(got, field).shape == getattr(expected, field).shape, field
-        np.testing.assert_allclose(got.topk_logprobs, expected.topk_logprobs, atol=1e-5)
-        np.testing.assert_allclose(got.next_logprobs, expected.next_logprobs, atol=1e-5)
-        differ = got.topk_ids != expected.topk_ids  # only where two log-probs tie within float noise
-        gaps = np.abs(np.diff(expected.topk_logprobs, axis=1, prepend=0))
-        assert not differ.any() or np.all(gaps[differ] < 1e-5)
+        dicts, sample = vllm_logprobs(logp, prompt, sampled, k, flat=False)
+        flats = vllm_logprobs(logp, prompt, sampled, k, flat=True)
+        for got in (prompt_logprobs_to_output(dicts, sample[0], ids, k, bos=bos),
+                    flat_logprobs_to_output(*flats, len(ids), k, bos=bos)):
+            for field in ("topk_ids", "topk_logprobs", "next_logprobs"):
+                assert getattr(got, field).dtype == getattr(expected, field).dtype, field
+                assert getattr(got, field).shape == getattr(expected, field).shape, field
+            np.testing.assert_allclose(got.topk_logprobs, expected.topk_logprobs, atol=1e-5)
+            np.testing.assert_allclose(got.next_logprobs, expected.next_logprobs, atol=1e-5)
+            differ = got.topk_ids != expected.topk_ids  # only where two log-probs tie within float noise
+            gaps = np.abs(np.diff(expected.topk_logprobs, axis=1, prepend=0))
+            assert not differ.any() or np.all(gaps[differ] < 1e-5)
 
 
 # --- engine settings -----------------------------------------------------------------------------------
 
 def test_memory_fraction_leaves_room_for_the_prompt_logprob_spike():
     gib = 1 << 30
+    assert GPU_MEMORY_UTILIZATION == 0.92  # vLLM 0.33's default (CacheConfig.gpu_memory_utilization)
     assert memory_fraction(None, 8192, 128_000) == GPU_MEMORY_UTILIZATION
     small = memory_fraction(80 * gib, 2048, 32_000)  # 0.65 GB of 80 GB
-    assert 0.89 <= small < GPU_MEMORY_UTILIZATION
+    assert 0.9 <= small < GPU_MEMORY_UTILIZATION
     big = memory_fraction(80 * gib, 16384, 128_000)  # 21 GB of 80 GB
     assert big == pytest.approx(GPU_MEMORY_UTILIZATION - 16384 * 128_000 * 10 / (80 * gib), abs=1e-3)
     assert memory_fraction(24 * gib, 16384, 128_000) == 0.5  # never below the floor
@@ -154,14 +174,143 @@ def test_memory_fraction_leaves_room_for_the_prompt_logprob_spike():
 
 def test_engine_args_carry_our_limits(tmp_path: Path):
     config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", "max_top_k": 50, "add_bos": True,
-                                    "max_tokens_per_text": 1000, "max_batch_tokens": 4096})
+                                    "max_tokens_per_text": 1000, "max_batch_tokens": 4096, "max_batch_texts": 96})
     args = _engine_args(config, vocab_size=32_000, positions=2048, total_bytes=80 << 30)
     assert args["max_logprobs"] == 50  # vLLM rejects prompt_logprobs > max_logprobs (default 20)
     assert args["max_model_len"] == 1000 + 1 + 1  # text + BOS + the one sampled token
+    assert args["max_num_seqs"] == 96  # texts per engine step = our max_batch_texts
     assert args["max_num_batched_tokens"] == 4096 and args["dtype"] == "bfloat16"
     assert args["skip_tokenizer_init"] and not args["enable_prefix_caching"]
     short = _engine_args(config, vocab_size=32_000, positions=512, total_bytes=None)
     assert short["max_model_len"] == 512 and short["gpu_memory_utilization"] == GPU_MEMORY_UTILIZATION
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.integers(1, 4096), batch_tokens=st.integers(1, 65536), per_text=st.integers(1, 8192),
+       positions=st.one_of(st.none(), st.integers(2, 16384)))
+def test_engine_args_pass_vllm_scheduler_checks(texts, batch_tokens, per_text, positions):
+    """vLLM 0.33 refuses to start when max_num_batched_tokens < max_num_seqs (SchedulerConfig
+    .verify_max_model_len / __post_init__, config/scheduler.py), whatever the card's default max_num_seqs."""
+    config = load_config(overrides={"model": "m", "backend": "vllm", "max_batch_texts": texts,
+                                    "max_tokens_per_text": per_text, "max_tokens_per_request": 1 << 20,
+                                    "max_queue_tokens": 1 << 20, "max_batch_tokens": max(batch_tokens, per_text),
+                                    "max_message_bytes": 1 << 30})
+    args = _engine_args(config, vocab_size=32_000, positions=positions, total_bytes=None)
+    assert args["max_num_seqs"] == texts
+    assert args["max_num_batched_tokens"] >= args["max_num_seqs"]
+    assert args["max_num_batched_tokens"] >= args["max_model_len"]
+    assert positions is None or args["max_model_len"] <= positions
+
+
+def test_max_model_len_is_derived_as_vllm_derives_it():
+    """vLLM takes the smallest of its length keys, and model_max_length overrides them all
+    (derive_max_model_len_and_key); a larger max_model_len makes vLLM refuse to start."""
+    mpt_like = LlamaConfig(max_position_embeddings=4096)
+    mpt_like.max_seq_len = 2048
+    assert vllm_max_model_len(mpt_like) == 2048  # the first key found (4096) would be refused
+    cohere_like = LlamaConfig(max_position_embeddings=8192)
+    cohere_like.model_max_length = 131072
+    assert vllm_max_model_len(cohere_like) == 131072
+    assert vllm_max_model_len(GPT2Config(n_positions=1024)) == 1024
+    assert vllm_max_model_len(SimpleNamespace(vocab_size=10)) is None
+
+
+def test_model_shape_reads_the_saved_config_the_way_vllm_will(tmp_path):
+    config = LlamaConfig(vocab_size=321, max_position_embeddings=4096, hidden_size=64, num_attention_heads=4)
+    config.seq_length = 1024
+    config.save_pretrained(tmp_path)
+    assert _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"})) == (321, 1024)
+
+
+# --- load-time checks ----------------------------------------------------------------------------------
+
+def plugins(monkeypatch, names: list[str]) -> None:
+    """Entry points of the ``vllm.general_plugins`` group as the backend sees them."""
+    def entry_points(group: str):
+        assert group == "vllm.general_plugins"
+        return [SimpleNamespace(name=n) for n in names]
+    monkeypatch.setattr("teacher_server.backends.vllm.entry_points", entry_points)
+
+
+def test_gguf_needs_the_vllm_gguf_plugin_on_vllm_0_24_and_later(tmp_path, monkeypatch):
+    gguf = load_config(overrides={"model": str(tmp_path), "backend": "vllm", "gguf_file": "m.Q4_0.gguf"})
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    plugins(monkeypatch, [])
+    with pytest.raises(ValueError, match=r"gguf_file=m.Q4_0.gguf: vLLM 0.33.0 .* pip install vllm-gguf-plugin"):
+        check_gguf_plugin(gguf, "0.33.0")
+    check_gguf_plugin(gguf, "0.23.1")  # GGUF still in vLLM's core
+    check_gguf_plugin(load_config(overrides={"model": str(tmp_path), "backend": "vllm"}), "0.33.0")  # no GGUF
+    plugins(monkeypatch, ["gguf"])
+    check_gguf_plugin(gguf, "0.33.0+cu130")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_resolver")
+    with pytest.raises(ValueError, match="VLLM_PLUGINS='lora_resolver' does not load it"):
+        check_gguf_plugin(gguf, "0.33.0")
+
+
+def test_the_vllm_extra_pins_the_release_this_backend_was_checked_against():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    pin = next(e for e in extras if e.startswith("vllm"))
+    major, minor = VLLM_CHECKED
+    assert pin.startswith(f"vllm>={major}.{minor},<{major}.{minor + 1}")
+    assert 'python_version >= "3.11"' in pin  # vLLM 0.33 has no wheel for the 3.10 livefuse allows
+
+
+def vllm_modules(engines: list, version: str = "0.33.0") -> dict[str, ModuleType]:
+    """Doubles of the vLLM modules load_vllm imports; AsyncLLM records its engine args and the start method
+    in force when it is built."""
+    class AsyncLLM:
+        @staticmethod
+        def from_engine_args(engine_args):
+            import os
+            engine = fake_vllm.FakeAsyncLLM(lambda ids: np.zeros((len(ids), 8)), 321,
+                                            max_model_len=engine_args.kwargs["max_model_len"])
+            engines.append((engine_args.kwargs, os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")))
+            return engine
+
+    def module(name: str, **attrs) -> ModuleType:
+        mod = ModuleType(name)
+        mod.__dict__.update(attrs)
+        return mod
+
+    return {"vllm": module("vllm", __version__=version, SamplingParams=fake_vllm.SamplingParams,
+                           AsyncEngineArgs=lambda **kwargs: SimpleNamespace(kwargs=kwargs)),
+            "vllm.platforms": module("vllm.platforms", current_platform=SimpleNamespace(
+                get_device_total_memory=lambda device: 80 << 30)),
+            "vllm.inputs": module("vllm.inputs", tokens_input=fake_vllm.tokens_input),
+            "vllm.sampling_params": module("vllm.sampling_params",
+                                           RequestOutputKind=SimpleNamespace(FINAL_ONLY=fake_vllm.FINAL_ONLY)),
+            "vllm.v1": module("vllm.v1"), "vllm.v1.engine": module("vllm.v1.engine"),
+            "vllm.v1.engine.async_llm": module("vllm.v1.engine.async_llm", AsyncLLM=AsyncLLM),
+            "vllm.v1.engine.exceptions": module("vllm.v1.engine.exceptions",
+                                                EngineDeadError=fake_vllm.EngineDeadError)}
+
+
+def test_load_vllm_spawns_the_engine_with_our_limits(tiny_model_dirs, monkeypatch, caplog):
+    engines: list = []
+    for name, mod in vllm_modules(engines, version="0.34.1").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # vLLM's default, set by hand here
+    config = make_config(tiny_model_dirs["llama"], backend="vllm", device="cuda", max_batch_texts=32)
+    with caplog.at_level(logging.WARNING, "livefuse.teacher.vllm"):
+        backend, tokenizer = load_vllm(config)
+    (args, start_method), = engines
+    assert start_method == "spawn"  # set before the engine (and its process) was built
+    assert args["max_num_seqs"] == 32 and args["max_num_batched_tokens"] >= 32
+    assert args["max_model_len"] == min(config.max_tokens_per_text + 1, 2048)  # tiny llama: 2048 positions
+    assert backend.flat and backend.max_positions == args["max_model_len"] - 1
+    assert "not the release this backend was checked against" in caplog.text  # 0.34.1 != 0.33
+
+
+def test_load_vllm_refuses_gguf_without_the_plugin_before_building_the_engine(tiny_model_dirs, monkeypatch):
+    engines: list = []
+    for name, mod in vllm_modules(engines).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    plugins(monkeypatch, [])
+    config = make_config(tiny_model_dirs["llama"], backend="vllm", device="cuda", gguf_file="model.gguf")
+    with pytest.raises(ValueError, match="vllm-gguf-plugin"):
+        load_vllm(config)
+    assert engines == []
 
 
 def test_backend_vllm_without_vllm_fails_at_load_with_a_clear_message(tmp_path, monkeypatch):
@@ -184,8 +333,9 @@ def test_backend_vllm_refuses_cpu(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
                     reason="needs vllm and a CUDA GPU")
 def test_real_vllm_matches_hf_backend(tmp_path):
+    import asyncio
+
     from student_trainer.demo.assets import build_tiny_model
-    from teacher_server.backends.vllm import load_vllm
 
     folder = build_tiny_model("llama", "llama-spm", tmp_path / "llama", hidden=128, heads=2)  # head dim 64
     config = load_config(overrides={"model": str(folder), "backend": "vllm", "dtype": "bfloat16",
@@ -193,8 +343,12 @@ def test_real_vllm_matches_hf_backend(tmp_path):
     backend, tokenizer = load_vllm(config)
     hf, _ = load_hf(make_config(folder))  # fp32 on CPU: the reference
     ids = [e.ids for e in tokenizer.encode(TEXTS)]
-    assert backend.vocab_size == hf.vocab_size and backend.max_positions == 256
-    for got, ref in zip(backend.score(ids, 32), hf.score(ids, 32), strict=True):
+    assert backend.vocab_size == hf.vocab_size and backend.max_positions == 256 and backend.flat
+    try:
+        got_all = asyncio.run(backend.score_async(ids, 32))
+    finally:
+        backend.close()
+    for got, ref in zip(got_all, hf.score(ids, 32), strict=True):
         assert got.topk_ids.shape == ref.topk_ids.shape and got.next_logprobs.shape == ref.next_logprobs.shape
         np.testing.assert_allclose(got.next_logprobs, ref.next_logprobs, atol=0.1)  # bf16 weights/activations
         np.testing.assert_allclose(got.topk_logprobs, ref.topk_logprobs, atol=0.1)
