@@ -42,6 +42,7 @@ SOURCES = {
     "prose": Recipe("gpt2", "gpt-2", ("prose",), steps=300),
 }
 TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=40, seed=1)
+TEACHER_MAX_TOP_K = 64  # the teacher server's default max_top_k (the demo starts its teachers with defaults)
 CURVE_BLOCKS = 64  # held-out blocks (both domains) of the trainer's periodic evaluation
 MODES = {
     "clm_only": ["method.lambda_clm=1.0"],
@@ -73,9 +74,9 @@ def train_config(out: Path, corpus: dict[str, Path], curve_file: Path, target: P
     the trainer's periodic evaluation (the sample-efficiency curve) holds both domains."""
     config = {
         "target": {"model": str(target)},
-        "sources": [{"name": n, "endpoints": [a], "top_k": 10, "failure": "fail"} for n, a in teachers.items()],
+        "sources": [{"name": n, "endpoints": [a], "top_k": args.top_k, "failure": "fail"} for n, a in teachers.items()],
         "method": {"aligner": "mined", "fusion": "min_ce", "ce_normalization": "char",
-                   "lambda_clm": args.lambda_clm},
+                   "lambda_clm": args.lambda_clm, "avg_tau": args.avg_tau},
         "data": {"train_files": [str(corpus["code_train"]), str(corpus["prose_train"])],
                  "validation_files": [str(curve_file)], "seq_len": args.seq_len, "shuffle_seed": 0},
         "train": {"max_steps": args.steps, "seed": 0, "deepspeed": {
@@ -95,7 +96,7 @@ def train_config(out: Path, corpus: dict[str, Path], curve_file: Path, target: P
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=120, help="training steps per run (default 120)")
+    p.add_argument("--steps", type=int, default=80, help="training steps per run (default 80)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per mode with seeds 0..N-1 (train seed and data order); N > 1 adds mean ± sd and the "
                         "paired gain over clm_only (default 1)")
@@ -104,15 +105,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="domain-expert sources to start (the target's initial model is always a source too)")
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
                    help=f"runs to compare (default: {' '.join(DEFAULT_MODES)}; *_offsets use the offsets aligner)")
-    p.add_argument("--lambda-clm", type=float, default=0.9,
-                   help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.9, the paper's)")
+    p.add_argument("--lambda-clm", type=float, default=0.7,
+                   help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.7; the paper's is 0.9)")
+    p.add_argument("--avg-tau", type=float, default=0.2,
+                   help="τ of AvgCE's weights softmax(−CE/τ) over the sources (default 0.2: mostly the best source)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="entries of each teacher distribution per position (renormalised over them; default 50)")
     p.add_argument("--pretrain-scale", type=float, default=1.0, help="multiply the models' pretraining steps")
     p.add_argument("--source-scale", type=float, default=1.0,
                    help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between the trainer's held-out evaluations, the points of the sample-efficiency plot "
-                        "(default: steps / 8)")
+                        "(default: steps / 4)")
     p.add_argument("--real", action="store_true",
                    help="also serve SmolLM2-135M-Instruct (a real LM, 93 MB download once) as a source")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.025 pretraining, 4 eval blocks, evaluation every 2 steps")
@@ -120,9 +125,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.pretrain_scale, args.eval_blocks, args.seq_len = 4, 0.025, 4, 64
         args.eval_every = args.eval_every or 2
+    if not 1 <= args.top_k <= TEACHER_MAX_TOP_K:
+        p.error(f"--top-k must be between 1 and {TEACHER_MAX_TOP_K} (the teacher's max_top_k), got {args.top_k}")
     if args.seeds < 1 or args.steps < 1:
         p.error(f"--seeds and --steps must be at least 1 (got {args.seeds}, {args.steps})")
-    args.eval_every = args.eval_every or max(1, args.steps // 8)
+    args.eval_every = args.eval_every or max(1, args.steps // 4)
     return args
 
 
