@@ -20,7 +20,7 @@ def test_quick_shortens_every_stage():
 
 
 def test_top_k_is_bounded_by_what_the_demo_teachers_allow(capsys):
-    assert TEACHER_MAX_TOP_K == TeacherConfig.model_fields["max_top_k"].default
+    assert TeacherConfig.model_fields["max_top_k"].default == TEACHER_MAX_TOP_K
     assert parse_args(["--top-k", str(TEACHER_MAX_TOP_K)]).top_k == TEACHER_MAX_TOP_K
     for bad in ("0", str(TEACHER_MAX_TOP_K + 1)):
         with pytest.raises(SystemExit):
