@@ -32,12 +32,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 
+from protos.vocabulary import tokenizer_fingerprint
 from student_trainer.trainer.config import DataConfig
 from student_trainer.trainer.data import Block, char_batches, cut_blocks, encode, split_order, text_pieces
 from student_trainer.trainer.data_sources import identity, is_document, load_split
@@ -189,6 +191,12 @@ def _write_documents(ds, path: Path, max_chars: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"text": datasets.Value("large_string"), "doc": datasets.Value("int64")})
+    if len(ds) == 0:  # map writes nothing for an empty table: an empty file with the schema
+        from datasets.arrow_writer import ArrowWriter
+
+        with ArrowWriter(features=features, path=str(path)) as writer:
+            writer.finalize()
+        return
     ds.map(_pieces, input_columns="text", with_indices=True, batched=True, remove_columns=ds.column_names,
            fn_kwargs={"max_chars": max_chars}, features=features, cache_file_name=str(path),
            load_from_cache_file=False, writer_batch_size=1000, desc=f"documents -> {path.parent.name}")
@@ -300,6 +308,19 @@ def _tokenize_split(folder: Path, tokenizer, d: DataConfig, progress: bool) -> d
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+@contextmanager
+def _datasets_bars(show: bool) -> Iterator[None]:
+    """``datasets``' own progress bars (reading, filtering) only when we show ours."""
+    import datasets as bars
+
+    was = bars.are_progress_bars_disabled()
+    (bars.enable_progress_bars if show else bars.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (bars.disable_progress_bars if was else bars.enable_progress_bars)()
+
+
 def _build(d: DataConfig, tokenizer, folder: Path, meta: dict[str, Any], progress: bool, say: Say) -> None:
     """Builds the cache into a ``.partial`` folder and renames it into place (the completion marker)."""
     for stale in folder.parent.glob(f"{folder.name}.partial-*"):  # left by a killed build (we hold the lock)
@@ -309,7 +330,8 @@ def _build(d: DataConfig, tokenizer, folder: Path, meta: dict[str, Any], progres
     try:
         say(f"preparing the corpus into {folder}")
         t0 = time.perf_counter()
-        counts = _documents(d, partial, meta["inputs"].get("revision"))
+        with _datasets_bars(progress):
+            counts = _documents(d, partial, meta["inputs"].get("revision"))
         shutil.rmtree(partial / "tmp", ignore_errors=True)
         meta["splits"] = {s: {**counts[s], **_tokenize_split(partial / s, tokenizer, d, progress)} for s in SPLITS}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
@@ -329,8 +351,6 @@ def prepare(d: DataConfig, tokenizer, *, progress: bool = True, say: Say = say_s
     """The prepared cache for ``d`` and ``tokenizer``: opened if complete, else built once under a file lock
     (every other process waits for the builder and then opens its result)."""
     from filelock import FileLock, Timeout
-
-    from protos.vocabulary import tokenizer_fingerprint
 
     inputs = identity(d)
     fingerprint = tokenizer_fingerprint(tokenizer)

@@ -9,8 +9,8 @@ What streaming gives up, and what it keeps:
   documents (seeded, per epoch); blocks of one document stay close together. The prepared path permutes all
   blocks exactly.
 - **Ranks read different documents, not different blocks**: ``datasets.distributed.split_dataset_by_node``
-  (whole shards when their number divides by the world size, else every W-th document), so a 2-rank run
-  does not see the same blocks as a 1-rank run with twice the accumulation.
+  (whole shards when their number divides by the world size, else every W-th document of the shuffled
+  stream), so a 2-rank run does not see the same blocks as a 1-rank run with twice the accumulation.
 - **Held-out text** comes from ``validation_files`` / ``validation_split``, else from the documents whose
   seeded hash falls under ``validation_fraction`` (decided per document, independent of order and rank);
   the first ``run.eval_blocks`` blocks of it are kept in memory.
