@@ -224,5 +224,5 @@ def test_two_ranks_share_one_build_and_log_the_skipped_documents(tmp_path, targe
     assert done.returncode == 0, log[-4000:]
     assert log.count("preparing the corpus") == 1 and '"world": 2' in log  # two ranks, one build
     assert '"empty_documents_skipped": 2' in log and '"documents": 4' in log  # the start-up log counts them
-    (folder,) = (tmp_path / "cache").glob("docs-*[!k]")
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert problem(folder) is None
