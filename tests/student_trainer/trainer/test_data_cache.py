@@ -150,6 +150,7 @@ print(prepare(d, load_tokenizer("mistral-spm"), progress=False).folder)
 """
 
 
+@pytest.mark.slow
 def test_racing_processes_build_once_and_the_others_wait(tmp_path, tok):
     from filelock import FileLock
 
@@ -176,6 +177,7 @@ def test_racing_processes_build_once_and_the_others_wait(tmp_path, tok):
     assert sum(e.count("preparing the corpus") for e in errs) == 1  # one build; the other read its result
 
 
+@pytest.mark.slow
 def test_prepare_cli_builds_then_reuses_and_a_killed_build_is_redone(tmp_path, target):
     big = [Path(f).read_text() for f in corpus_files()] * 40  # a build that lasts a few seconds
     data = {"train_files": [str(_jsonl(tmp_path / "big.jsonl", big))], "cache_dir": str(tmp_path / "cache"),
