@@ -13,7 +13,7 @@ Phases, each in fresh child processes:
   bytes per token, the builder's peak RSS; the old ``read_documents`` + ``split_documents`` + ``make_blocks``
   (code of 29b6255, imported from a ``git archive`` of it) on the corpora up to ``--old-max`` tokens ->
   tokens/s and the RSS its blocks hold (above the process's RSS before reading).
-- ``first-step``: ``livefuse-train`` (tiny Llama target with the mistral-spm tokenizer, CLM only, seq 2048,
+- ``first-step``: ``livefuse-train`` (tiny Llama target with the mistral-spm tokenizer, CLM only, seq 512,
   micro batch 1) from process start to the first step in metrics.jsonl, warm cache; the old tree too (it
   tokenizes the corpus at every start) up to ``--old-max``.
 - ``rss``: two CPU ranks under the ``deepspeed`` launcher (gloo) train 3 steps; each rank's peak RSS
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OLD_COMMIT = "29b6255"
 TOKENIZER = "mistral-spm"
-SEQ_LEN = 2048
+SEQ_LEN = 512  # the trainer's default; at 2048 a step's logits (32k vocabulary) swamp the RSS comparison
 MINIPILE_TOKENS, RANKS = 1.8e9, 8
 
 
@@ -119,6 +119,31 @@ def child_new_prepare(path: str, cache: str, procs: int) -> dict:
             "text_bytes": sum(s["files"]["documents.arrow"] for s in splits),
             "base_rss": base, "peak_rss": _status()["VmHWM"] - base,
             "workers_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+def child_new_open(path: str, cache: str) -> dict:
+    """The data part of a run's start on a warm cache (open, sampler, first micro-batch) and the memory it
+    holds after 1,000 micro-batches of rank 0 of 2."""
+    import datasets  # noqa: F401
+
+    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.trainer.config import DataConfig
+    from student_trainer.trainer.data import BlockSampler
+    from student_trainer.trainer.data_cache import prepare
+
+    tok = load_tokenizer(TOKENIZER)
+    base = _status()
+    t0 = time.perf_counter()
+    blocks = prepare(DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN), tok, progress=False
+                     ).blocks("train")
+    sampler = BlockSampler(blocks, 1, 0, seed=0, rank=0, world=2)
+    sampler.batch(0)
+    seconds = time.perf_counter() - t0
+    for m in range(1, 1000):
+        sampler.batch(m)
+    now = _status()
+    return {"open_seconds": seconds, "blocks": len(blocks), "anon_growth": now["RssAnon"] - base["RssAnon"],
+            "file_growth": now["RssFile"] - base["RssFile"]}
 
 
 def child_old_blocks(path: str) -> dict:
@@ -267,7 +292,8 @@ def phase_first_step(workdir: Path, paths: dict[int, Path], args, res: dict) -> 
     for size, path in paths.items():
         _warm(workdir, path, args.big_procs)
         print(f"first step {size:.0e} ({_load()})", flush=True)
-        out = {"new": [first_step(workdir, path, f"first-{size}") for _ in range(args.repeats)]}
+        out = {"open": _child(["new_open", str(path), str(workdir / "cache")]),
+               "new": [first_step(workdir, path, f"first-{size}") for _ in range(args.repeats)]}
         if size <= args.old_max:
             out["old"] = [first_step(workdir, path, f"first-old-{size}", _old_env(workdir))]
         res.setdefault("first_step", {})[str(size)] = out | {"load": os.getloadavg()}
@@ -301,9 +327,13 @@ def report(res: dict) -> str:
         lines.append(f"| {r['tokens']:,} | {design} | {procs[0] if procs else 1} | {r['seconds']:.1f} | "
                      f"{r['tokens'] / r['seconds']:,.0f} | {per_token} | {_gb(r['peak_rss'])}"
                      + (f" ({_gb(r['workers_peak_rss'])})" if r.get("workers_peak_rss") else "") + " |")
-    lines += ["", "| corpus | new: start -> first step (s) | old: start -> first step (s) |", "|---|---|---|"]
+    lines += ["", "| corpus | blocks | new: data part of the start (s) | data RSS after 1,000 micro-batches (anon + "
+              "file-backed) | new: start -> first step (s) | old: start -> first step (s) |",
+              "|---|---:|---:|---|---|---|"]
     for size, r in res.get("first_step", {}).items():
-        lines.append(f"| {float(size):.0e} | {', '.join(f'{x:.1f}' for x in r['new'])} | "
+        o = r["open"]
+        lines.append(f"| {float(size):.0e} | {o['blocks']:,} | {o['open_seconds']:.2f} | {o['anon_growth'] / 1e6:.1f} MB"
+                     f" + {o['file_growth'] / 1e6:.1f} MB | {', '.join(f'{x:.1f}' for x in r['new'])} | "
                      f"{', '.join(f'{x:.1f}' for x in r.get('old', [])) or '—'} |")
     lines += ["", "| corpus | design | peak RSS rank 0 / rank 1 (VmHWM) | anon / file-backed at the largest RSS |",
               "|---|---|---|---|"]
@@ -327,12 +357,18 @@ def projection(res: dict) -> str:
         out.append(f"- prepare once: {MINIPILE_TOKENS / rate / 3600:.1f} h on one process at {rate:,.0f} tokens/s, "
                    f"{MINIPILE_TOKENS / rate / 16 / 60:.0f} min on 16 (if it scales linearly); cache "
                    f"{per_token * MINIPILE_TOKENS / 1e9:.0f} GB at {per_token:.2f} B/token")
-    new = sorted(((int(k.split()[1]), r) for k, r in rss.items() if k.startswith("new")), key=lambda x: x[0])
-    if len(new) >= 2:
-        (s0, r0), (s1, r1) = new[0], new[-1]
-        slope = (max(r["VmHWM"] for r in r1) - max(r["VmHWM"] for r in r0)) / (s1 - s0)
-        out.append(f"- new, RAM per rank: {_gb(max(r['VmHWM'] for r in r1) + max(slope, 0) * (MINIPILE_TOKENS - s1))} "
-                   f"(measured {slope * 1e6:+.1f} B per 1M tokens between {s0:.0e} and {s1:.0e})")
+    opened = sorted((int(k), r["open"]) for k, r in res.get("first_step", {}).items())
+    new_runs = sorted((int(k.split()[1]), max(r["VmHWM"] for r in v)) for k, v in rss.items() if k.startswith("new"))
+    if len(opened) >= 2:
+        (s0, r0), (s1, r1) = opened[0], opened[-1]
+        slope = (r1["anon_growth"] - r0["anon_growth"]) / (s1 - s0)
+        out.append(f"- new, data memory per rank (anonymous; the maps are shared page cache): "
+                   f"{r1['anon_growth'] / 1e6:.0f} MB at {s1:.0e} tokens, {slope:+.2f} B/token between {s0:.0e} and "
+                   f"{s1:.0e} -> {(r1['anon_growth'] + max(slope, 0) * (MINIPILE_TOKENS - s1)) / 1e6:.0f} MB at "
+                   "MiniPile (the sampler's order: 8 bytes per block of the rank)")
+    if len(new_runs) >= 2:
+        out.append(f"- new, whole-run peak per rank: {_gb(new_runs[0][1])} at {new_runs[0][0]:.0e} tokens, "
+                   f"{_gb(new_runs[-1][1])} at {new_runs[-1][0]:.0e} (tiny model; a 7B rank adds its model, not data)")
     if len(old) >= 2:
         slope = (old[-1]["held_rss"] - old[0]["held_rss"]) / (old[-1]["tokens"] - old[0]["tokens"])
         out.append(f"- old, RAM per rank for its blocks alone: {slope:.0f} B/token -> {_gb(slope * 2e8)} at 200M tokens, "
@@ -344,7 +380,8 @@ def projection(res: dict) -> str:
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         kind, *rest = sys.argv[2:]
-        fn = {"new_prepare": lambda p, c, n: child_new_prepare(p, c, int(n)), "old_blocks": child_old_blocks}[kind]
+        fn = {"new_prepare": lambda p, c, n: child_new_prepare(p, c, int(n)), "old_blocks": child_old_blocks,
+              "new_open": child_new_open}[kind]
         print(json.dumps(fn(*rest)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
