@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # livefuse itself comes from the venv's editable install, so that
+# PYTHONPATH (the old tree) and a child's working directory decide which code a child runs
 OLD_COMMIT = "29b6255"
 TOKENIZER = "mistral-spm"
 SEQ_LEN = 512  # the trainer's default; at 2048 a step's logits (32k vocabulary) swamp the RSS comparison
@@ -151,8 +152,10 @@ def child_old_blocks(path: str) -> dict:
     import datasets  # noqa: F401 - read_documents imports it on first use: not part of the blocks' cost
 
     from student_trainer.demo.assets import load_tokenizer
-    from student_trainer.trainer.data import make_blocks, read_documents, split_documents  # 29b6255's
+    from student_trainer.trainer import data
+    from student_trainer.trainer.data import make_blocks, read_documents, split_documents
 
+    assert not hasattr(data, "iter_blocks"), f"{data.__file__} is not the code of {OLD_COMMIT}"
     tok = load_tokenizer(TOKENIZER)
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
@@ -164,23 +167,25 @@ def child_old_blocks(path: str) -> dict:
             "held_rss": now["VmRSS"] - base, "peak_rss": now["VmHWM"] - base, "base_rss": base}
 
 
-def _child(args: list[str], env: dict[str, str] | None = None) -> dict:
+def _child(args: list[str], tree: Path | None = None) -> dict:
+    """Runs ``--child`` args in a fresh process; ``tree``: with that code instead of this checkout's."""
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
     cmd = [sys.executable, __file__, "--child", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{args}: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _old_env(workdir: Path) -> dict[str, str]:
-    """PYTHONPATH that puts the code of 29b6255 before this checkout (same venv, same packages)."""
+def _old_tree(workdir: Path) -> Path:
+    """The code of 29b6255 (``git archive``), run as a child's working directory / PYTHONPATH (same venv)."""
     tree = workdir / f"old-{OLD_COMMIT}"
     if not tree.exists():
         tree.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "student_trainer", "protos"],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return {"PYTHONPATH": str(tree)}
+    return tree
 
 
 # --- trainer runs -----------------------------------------------------------------------------------------------
@@ -209,41 +214,48 @@ def _trainer_config(workdir: Path, path: Path, name: str, steps: int) -> Path:
     return out
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _env(tree: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     built = ROOT / ".venv" / "torch_extensions"
     if built.is_dir():
         env.setdefault("TORCH_EXTENSIONS_DIR", str(built))
-    return {**env, **(extra or {})}
+    return env | ({"PYTHONPATH": str(tree)} if tree else {})
 
 
-def first_step(workdir: Path, path: Path, name: str, extra_env: dict[str, str] | None = None) -> float:
+def _check_code(stderr: str, tree: Path | None, name: str) -> None:
+    """The run's start-up line says which design ran: the new one logs its data cache."""
+    if ('"cache":' in stderr) != (tree is None):
+        raise RuntimeError(f"{name}: ran the wrong code (tree {tree}):\n{stderr[-2000:]}")
+
+
+def first_step(workdir: Path, path: Path, name: str, tree: Path | None = None) -> float:
     """Seconds from starting ``python -m student_trainer`` to its first step in metrics.jsonl."""
     cfg = _trainer_config(workdir, path, name, steps=1)
     metrics = workdir / "runs" / name / "metrics.jsonl"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(cfg)], cwd=ROOT,
-                            env=_env(extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(cfg)], cwd=tree or ROOT,
+                            env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (metrics.exists() and metrics.read_text().strip()):
         if proc.poll() is not None:
             raise RuntimeError(f"{name}: trainer exited: {proc.stderr.read()[-3000:]}")
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
-    proc.communicate(timeout=600)
+    _check_code(proc.communicate(timeout=600)[1], tree, name)
     return seconds
 
 
-def two_ranks(workdir: Path, path: Path, name: str, extra_env: dict[str, str] | None = None) -> list[dict]:
+def two_ranks(workdir: Path, path: Path, name: str, tree: Path | None = None) -> list[dict]:
     """Per rank of a 2-rank run: peak VmHWM, and RssAnon / RssFile at the moment of the largest VmRSS."""
     import psutil
 
-    from tests.student_trainer.trainer.helpers import free_port
-
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cfg = _trainer_config(workdir, path, name, steps=3)
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
            "--module", "student_trainer", "--config", str(cfg)]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(extra_env), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    log = workdir / "runs" / f"{name}.log"
+    launcher = subprocess.Popen(cmd, cwd=tree or ROOT, env=_env(tree), stdout=log.open("w"), stderr=subprocess.STDOUT)
     ranks: dict[int, dict] = {}
     while launcher.poll() is None:
         for p in psutil.Process(launcher.pid).children(recursive=True):
@@ -258,7 +270,8 @@ def two_ranks(workdir: Path, path: Path, name: str, extra_env: dict[str, str] | 
                 pass
         time.sleep(0.2)
     if launcher.returncode != 0:
-        raise RuntimeError(f"{name}: {launcher.stderr.read()[-3000:]}")
+        raise RuntimeError(f"{name}: {log.read_text()[-3000:]}")
+    _check_code(log.read_text(), tree, name)
     return [ranks[pid] for pid in sorted(ranks)]
 
 
@@ -266,7 +279,7 @@ def two_ranks(workdir: Path, path: Path, name: str, extra_env: dict[str, str] | 
 
 def phase_prepare(workdir: Path, paths: dict[int, Path], args, res: dict) -> None:
     for size, path in paths.items():
-        for procs in ([1, 2] if size <= args.both_max else [args.big_procs]):
+        for procs in ([1, 2] if size <= args.both_max else [args.big_procs]) if "new" in args.designs else []:
             tmp = workdir / "prep-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"prepare new {size:.0e} procs={procs} ({_load()})", flush=True)
@@ -278,9 +291,9 @@ def phase_prepare(workdir: Path, paths: dict[int, Path], args, res: dict) -> Non
                     kept.mkdir(exist_ok=True)
                     folder.rename(kept / folder.name)  # the key does not depend on the folder: later phases reuse it
             shutil.rmtree(tmp, ignore_errors=True)
-        if size <= args.old_max:
+        if size <= args.old_max and "old" in args.designs:
             print(f"prepare old {size:.0e} ({_load()})", flush=True)
-            r = _child(["old_blocks", str(path)], _old_env(workdir)) | {"load": os.getloadavg()}
+            r = _child(["old_blocks", str(path)], _old_tree(workdir)) | {"load": os.getloadavg()}
             res.setdefault("prepare", {})[f"old {size}"] = r
 
 
@@ -290,25 +303,27 @@ def _warm(workdir: Path, path: Path, procs: int) -> None:
 
 def phase_first_step(workdir: Path, paths: dict[int, Path], args, res: dict) -> None:
     for size, path in paths.items():
-        _warm(workdir, path, args.big_procs)
         print(f"first step {size:.0e} ({_load()})", flush=True)
-        out = {"open": _child(["new_open", str(path), str(workdir / "cache")]),
-               "new": [first_step(workdir, path, f"first-{size}") for _ in range(args.repeats)]}
-        if size <= args.old_max:
-            out["old"] = [first_step(workdir, path, f"first-old-{size}", _old_env(workdir))]
-        res.setdefault("first_step", {})[str(size)] = out | {"load": os.getloadavg()}
+        out = res.setdefault("first_step", {}).setdefault(str(size), {})
+        if "new" in args.designs:
+            _warm(workdir, path, args.big_procs)
+            out["open"] = _child(["new_open", str(path), str(workdir / "cache")])
+            out["new"] = [first_step(workdir, path, f"first-{size}") for _ in range(args.repeats)]
+        if size <= args.old_max and "old" in args.designs:
+            out["old"] = [first_step(workdir, path, f"first-old-{size}", _old_tree(workdir))]
+        out["load"] = os.getloadavg()
 
 
 def phase_rss(workdir: Path, paths: dict[int, Path], args, res: dict) -> None:
     sizes = sorted(paths)
-    for size in sorted({sizes[0], sizes[-1]}):
+    for size in sorted({sizes[0], sizes[-1]}) if "new" in args.designs else []:
         _warm(workdir, paths[size], args.big_procs)
         print(f"2 ranks new {size:.0e} ({_load()})", flush=True)
         res.setdefault("rss", {})[f"new {size}"] = two_ranks(workdir, paths[size], f"rss-{size}")
     for size in sizes:
-        if size <= args.old_max:
+        if size <= args.old_max and "old" in args.designs:
             print(f"2 ranks old {size:.0e} ({_load()})", flush=True)
-            res["rss"][f"old {size}"] = two_ranks(workdir, paths[size], f"rss-old-{size}", _old_env(workdir))
+            res.setdefault("rss", {})[f"old {size}"] = two_ranks(workdir, paths[size], f"rss-old-{size}", _old_tree(workdir))
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -331,9 +346,9 @@ def report(res: dict) -> str:
               "file-backed) | new: start -> first step (s) | old: start -> first step (s) |",
               "|---|---:|---:|---|---|---|"]
     for size, r in res.get("first_step", {}).items():
-        o = r["open"]
+        o = r.get("open", {"blocks": 0, "open_seconds": float("nan"), "anon_growth": 0, "file_growth": 0})
         lines.append(f"| {float(size):.0e} | {o['blocks']:,} | {o['open_seconds']:.2f} | {o['anon_growth'] / 1e6:.1f} MB"
-                     f" + {o['file_growth'] / 1e6:.1f} MB | {', '.join(f'{x:.1f}' for x in r['new'])} | "
+                     f" + {o['file_growth'] / 1e6:.1f} MB | {', '.join(f'{x:.1f}' for x in r.get('new', []))} | "
                      f"{', '.join(f'{x:.1f}' for x in r.get('old', [])) or '—'} |")
     lines += ["", "| corpus | design | peak RSS rank 0 / rank 1 (VmHWM) | anon / file-backed at the largest RSS |",
               "|---|---|---|---|"]
@@ -391,6 +406,8 @@ def main() -> None:
                         help="corpus sizes in target tokens")
     parser.add_argument("--phases", nargs="+", default=["corpus", "prepare", "first-step", "rss"],
                         choices=["corpus", "prepare", "first-step", "rss"], help="what to measure")
+    parser.add_argument("--designs", nargs="+", default=["new", "old"], choices=["new", "old"],
+                        help="which designs to run (results accumulate in results.json)")
     parser.add_argument("--old-max", type=float, default=5e6, help="largest corpus the old design is run on")
     parser.add_argument("--both-max", type=float, default=2e7, help="largest corpus prepared with 1 and 2 processes")
     parser.add_argument("--big-procs", type=int, default=2, help="processes for the larger corpora")
