@@ -199,7 +199,7 @@ def _target(workdir: Path) -> Path:
     return folder
 
 
-def _trainer_config(workdir: Path, path: Path, name: str, steps: int) -> Path:
+def _trainer_config(workdir: Path, path: Path, name: str, steps: int, old: bool) -> Path:
     import yaml
 
     config = {"target": {"model": str(_target(workdir))}, "method": {"lambda_clm": 1.0},
@@ -207,6 +207,8 @@ def _trainer_config(workdir: Path, path: Path, name: str, steps: int) -> Path:
               "train": {"max_steps": steps, "deepspeed": {"train_micro_batch_size_per_gpu": 1}},
               "run": {"output_dir": str(workdir / "runs" / name), "progress": False, "export": False,
                       "eval_blocks": 2, "resume": False}}
+    if old:  # 29b6255 has no data cache
+        del config["data"]["cache_dir"]
     shutil.rmtree(workdir / "runs" / name, ignore_errors=True)
     out = workdir / "runs" / f"{name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +232,7 @@ def _check_code(stderr: str, tree: Path | None, name: str) -> None:
 
 def first_step(workdir: Path, path: Path, name: str, tree: Path | None = None) -> float:
     """Seconds from starting ``python -m student_trainer`` to its first step in metrics.jsonl."""
-    cfg = _trainer_config(workdir, path, name, steps=1)
+    cfg = _trainer_config(workdir, path, name, steps=1, old=tree is not None)
     metrics = workdir / "runs" / name / "metrics.jsonl"
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(cfg)], cwd=tree or ROOT,
@@ -251,7 +253,7 @@ def two_ranks(workdir: Path, path: Path, name: str, tree: Path | None = None) ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = _trainer_config(workdir, path, name, steps=3)
+    cfg = _trainer_config(workdir, path, name, steps=3, old=tree is not None)
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
            "--module", "student_trainer", "--config", str(cfg)]
     log = workdir / "runs" / f"{name}.log"

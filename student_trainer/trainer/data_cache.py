@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import re
@@ -89,9 +90,13 @@ def cache_folder(d: DataConfig, fingerprint: str, inputs: dict[str, Any]) -> Pat
 # --- reading ----------------------------------------------------------------------------------------------------
 
 def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only map of ``path``, advised for random access (no read-ahead of pages no block needs)."""
     if shape[0] == 0:  # mmap cannot map an empty file
         return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    array = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    if hasattr(mmap, "MADV_RANDOM"):
+        array._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+    return array
 
 
 class PreparedBlocks(Sequence[Block]):
