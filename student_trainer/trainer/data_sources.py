@@ -157,7 +157,8 @@ def identity(d: DataConfig) -> dict[str, Any]:
 
 
 def load_named(d: DataConfig, split: str, *, streaming: bool, cache_dir: Path | None, revision: str | None):
-    """One split of ``data.dataset`` (hub id, local dataset folder or save_to_disk folder), column ``text``."""
+    """One split of ``data.dataset`` (hub id, local dataset folder or save_to_disk folder), column ``text``;
+    a hub id at ``revision`` (the commit the cache key names) or else ``data.dataset_revision``."""
     import datasets
 
     assert d.dataset is not None
@@ -171,7 +172,7 @@ def load_named(d: DataConfig, split: str, *, streaming: bool, cache_dir: Path | 
                 ds = ds.to_iterable_dataset(num_shards=min(64, max(1, len(ds))))
         else:
             ds = datasets.load_dataset(d.dataset, d.dataset_config, split=split, streaming=streaming,
-                                       revision=revision if kind == "hub" else None,
+                                       revision=(revision or d.dataset_revision) if kind == "hub" else None,
                                        cache_dir=None if kind == "hub" or cache_dir is None else str(cache_dir))
     except (KeyError, ValueError, OSError, ConnectionError) as err:
         raise ValueError(f"{what}: cannot load it: {type(err).__name__}: {str(err)[:500]}") from None

@@ -18,7 +18,13 @@ from student_trainer.__main__ import main
 from student_trainer.demo.assets import load_tokenizer
 from student_trainer.trainer import data_cache
 from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data import BlockSampler, make_blocks, read_documents, split_documents
+from student_trainer.trainer.data import (
+    BlockSampler,
+    make_blocks,
+    read_documents,
+    split_documents,
+    text_pieces,
+)
 from student_trainer.trainer.data_cache import prepare, problem
 from tests import REPO
 
@@ -50,7 +56,7 @@ def _same(a, b) -> bool:
 def _no_build(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("the cache was built again")
-    monkeypatch.setattr(data_cache, "_build", refuse)
+    monkeypatch.setattr(data_cache, "build", refuse)
 
 
 def test_prepared_blocks_equal_the_in_memory_path_and_a_second_run_does_not_tokenize(tmp_path, tok, monkeypatch):
@@ -98,9 +104,9 @@ def test_a_half_written_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok, 
         with open(folder / "train" / "ids.bin", "r+b") as f:
             f.truncate(10)
     elif damage == "changed block table":
-        table = np.load(folder / "train" / "blocks.npy")
-        table[0, 4] += 1
-        np.save(folder / "train" / "blocks.npy", table)
+        table = np.fromfile(folder / "train" / "blocks.bin", np.int64)
+        table[4] += 1  # the first block's text ends one byte later; the file keeps its size
+        table.tofile(folder / "train" / "blocks.bin")
     elif damage == "no meta.json":
         (folder / "meta.json").unlink()
     else:  # a build killed before its rename: only a .partial folder is left
@@ -114,17 +120,35 @@ def test_a_half_written_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok, 
         assert "rebuilding it" in capsys.readouterr().err
 
 
+class _Spy:
+    """The tokenizer, recording the longest text it was given."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, texts, **kwargs):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tokenizer(texts, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
 def test_a_document_longer_than_a_piece_is_tokenized_in_pieces(tmp_path, tok):
     long_doc = "".join(f"line {i}: " + "word " * (i % 17) + "\n" for i in range(3000))  # ~50k characters
     d = _config(tmp_path, train_files=[str(_jsonl(tmp_path / "a.jsonl", [long_doc, DOCS[0]]))],
                 max_piece_chars=4000, validation_fraction=0)
-    blocks = prepare(d, tok, progress=False).blocks("train")
-    rows = blocks.docs["text"]
-    assert max(len(r) for r in rows) <= 4000 and len(rows) > 12  # the tokenizer never saw more than a piece
-    assert "".join(r for r, doc in zip(rows, blocks.docs["doc"], strict=True) if doc == 0) == long_doc
-    assert all(r.endswith("\n") for r in rows[:-2])  # cut at line breaks
-    assert all(b.text in long_doc or b.text in DOCS[0] for b in blocks[:])
+    spy = _Spy(tok)
+    blocks = prepare(d, spy, progress=False).blocks("train")
+    assert 3000 < spy.longest <= 4000  # the tokenizer never saw more than a piece
     assert _same(blocks[:], make_blocks([long_doc, DOCS[0]], tok, 48, 4, max_piece_chars=4000))
+    texts = [b.text for b in blocks[:]]
+    assert all(t in long_doc or t in DOCS[0] for t in texts)
+    pieces = text_pieces(long_doc, 4000)
+    assert "".join(pieces) == long_doc and len(pieces) > 12 and all(p.endswith("\n") for p in pieces)
 
 
 def test_a_cached_sampler_is_a_pure_function_of_seed_rank_world_and_index(tmp_path, tok):
