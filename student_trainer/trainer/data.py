@@ -1,7 +1,8 @@
 """Corpus -> target-token blocks that carry the exact text they cover -> deterministic micro-batches.
 
 Documents come from local files or a ``datasets`` dataset (``data_sources``); at scale they are tokenized
-once into an on-disk cache that every rank memory-maps (``data_cache``), or streamed (``data_stream``).
+once into an on-disk cache that every rank reads block by block (``data_cache``), or streamed
+(``data_stream``).
 This module holds the pure parts both share: cutting a long document into pieces at line breaks, cutting a
 tokenized piece into blocks of ``seq_len`` tokens that never cross pieces, the seeded sampler and collate.
 A block keeps its text slice and its token offsets relative to that slice: the slice is what the teachers
@@ -150,7 +151,7 @@ def make_blocks(docs: Sequence[str], tokenizer, seq_len: int, min_tokens: int,
 class BlockSampler:
     """Deterministic micro-batches for one rank: permutation per epoch, rank-strided, equal across ranks.
 
-    ``blocks`` is any sequence: a list in memory, or the memory-mapped blocks of a prepared cache.
+    ``blocks`` is any sequence: a list in memory, or the blocks of a prepared cache (read on demand).
     """
 
     def __init__(self, blocks: Sequence[Block], micro_batch: int, pad_id: int, *, seed: int = 0,
