@@ -348,10 +348,10 @@ def report(res: dict) -> str:
               "file-backed) | new: start -> first step (s) | old: start -> first step (s) |",
               "|---|---:|---:|---|---|---|"]
     for size, r in res.get("first_step", {}).items():
-        o = r.get("open", {"blocks": 0, "open_seconds": float("nan"), "anon_growth": 0, "file_growth": 0})
-        lines.append(f"| {float(size):.0e} | {o['blocks']:,} | {o['open_seconds']:.2f} | {o['anon_growth'] / 1e6:.1f} MB"
-                     f" + {o['file_growth'] / 1e6:.1f} MB | {', '.join(f'{x:.1f}' for x in r.get('new', []))} | "
-                     f"{', '.join(f'{x:.1f}' for x in r.get('old', [])) or '—'} |")
+        o = r.get("open")
+        new = (f"{o['blocks']:,} | {o['open_seconds']:.2f} | {o['anon_growth'] / 1e6:.1f} MB + "
+               f"{o['file_growth'] / 1e6:.1f} MB | {', '.join(f'{x:.1f}' for x in r.get('new', []))}") if o else "— | — | — | —"
+        lines.append(f"| {float(size):.0e} | {new} | {', '.join(f'{x:.1f}' for x in r.get('old', [])) or '—'} |")
     lines += ["", "| corpus | design | peak RSS rank 0 / rank 1 (VmHWM) | anon / file-backed at the largest RSS |",
               "|---|---|---|---|"]
     for key, ranks in res.get("rss", {}).items():
@@ -376,7 +376,7 @@ def projection(res: dict) -> str:
                    f"{MINIPILE_TOKENS / per_core / 16 / 60:.0f} min with num_proc 16 if it scales linearly, "
                    f"{MINIPILE_TOKENS / per_core / 2 / 3600:.1f} h on a 2-core machine; cache "
                    f"{per_token * MINIPILE_TOKENS / 1e9:.0f} GB at {per_token:.2f} B/token (this corpus's text)")
-    opened = sorted((int(k), r["open"]) for k, r in res.get("first_step", {}).items())
+    opened = sorted((int(k), r["open"]) for k, r in res.get("first_step", {}).items() if "open" in r)
     new_runs = sorted((int(k.split()[1]), max(r["VmHWM"] for r in v)) for k, v in rss.items() if k.startswith("new"))
     if len(opened) >= 2:
         (s0, r0), (s1, r1) = opened[0], opened[-1]
