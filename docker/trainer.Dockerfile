@@ -10,6 +10,8 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# livefuse extras: train (DeepSpeed, TensorBoard), track (run.report_to: wandb, trackio); add eval for lm-eval
+ARG LIVEFUSE_EXTRAS=train,track
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -31,7 +33,7 @@ COPY requirements-ci.txt pyproject.toml README.md ./
 COPY protos ./protos
 COPY teacher_server ./teacher_server
 COPY student_trainer ./student_trainer
-RUN pip install -c requirements-ci.txt ".[train]"
+RUN pip install -c requirements-ci.txt ".[${LIVEFUSE_EXTRAS}]"
 COPY configs ./configs
 
 # Non-root (same uid as the teacher image, so the shared HF cache volume works for both).

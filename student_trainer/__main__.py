@@ -1,10 +1,13 @@
 """Train a target model on λ·CLM + (1−λ)·fusion with teacher distributions fetched live.
 
     livefuse-train --config configs/tiny_cpu.yaml [key=value ...]
+    livefuse-train prepare --config run.yaml [key=value ...]   # tokenize the corpus once, before any run
     python -m student_trainer --config run.yaml method.fusion=avg_ce train.max_steps=100
     deepspeed --num_gpus 8 --module student_trainer --config run.yaml     # or: torchrun -m student_trainer
 
 ``key=value`` overrides any setting by its dotted path (values are YAML: numbers, lists, true/false).
+``prepare`` builds the on-disk corpus cache a run reads (the first run would build it too, while the other
+ranks wait); it needs only the target tokenizer, not DeepSpeed, the model or the teachers.
 Exit codes: 0 done, 2 bad config, 3 a source failed, 130 stopped by Ctrl-C or SIGTERM (in the last two a
 checkpoint was saved: rerun the same command to resume).
 """
@@ -12,6 +15,7 @@ checkpoint was saved: rerun the same command to resume).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -20,12 +24,40 @@ from student_trainer.trainer.config import load_trainer_config
 from student_trainer.trainer.extensions import default_extensions_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="livefuse-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with the trainer config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override a setting by dotted path, e.g. method.fusion=avg_ce train.max_steps=50")
+    return parser
+
+
+def prepare_main(argv: list[str]) -> int:
+    """``livefuse-train prepare``: builds (or checks) the corpus cache of a config; exit 0 when it is ready."""
+    args = _parser("livefuse-train prepare").parse_args(argv)
+    setup_logging("text", "WARNING")
+    try:
+        config = load_trainer_config(args.config, args.overrides)
+        if config.data.streaming:
+            print("livefuse-train prepare: data.streaming is true: documents are tokenized on the fly, "
+                  "nothing to prepare", file=sys.stderr)
+            return 0
+        from student_trainer.trainer.data_cache import load_tokenizer, prepare
+
+        prepared = prepare(config.data, load_tokenizer(config.target.tokenizer or config.target.model))
+    except (ValueError, OSError) as err:
+        print(f"livefuse-train prepare: {err}", file=sys.stderr)
+        return 2
+    print(f"ready: {prepared.folder}", file=sys.stderr)
+    print(json.dumps(prepared.facts()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        return prepare_main(argv[1:])
+    parser = _parser("livefuse-train")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; not needed otherwise")
     args = parser.parse_args(argv)

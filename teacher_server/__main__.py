@@ -27,8 +27,12 @@ log = logging.getLogger("livefuse.teacher")
 DEAD_GRACE_SECONDS = 1.0  # after the backend died: time for error responses already computed to go out
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "off") else int(text)
+def _optional(kind: type) -> typing.Callable[[str], object]:
+    """argparse type for an ``int | None`` / ``float | None`` field: ``none``, ``null`` or ``off`` mean None."""
+    def parse(text: str) -> object:
+        return None if text.lower() in ("none", "null", "off") else kind(text)
+    parse.__name__ = f"{kind.__name__} or none"  # argparse names it in "invalid ... value"
+    return parse
 
 
 def _flag_type(annotation: object) -> tuple[object, bool]:
@@ -36,8 +40,8 @@ def _flag_type(annotation: object) -> tuple[object, bool]:
     args = typing.get_args(annotation)
     if annotation is bool:
         return None, True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and int in args:
-        return _optional_int, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and (int in args or float in args):
+        return _optional(int if int in args else float), False
     if typing.get_origin(annotation) is typing.Literal:
         return str, False
     return (annotation if annotation in (int, float) else str), False
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         kind, is_bool = _flag_type(field.annotation)
         default = "required" if field.is_required() else f"default: {field.default}"
-        help_text = f"{field.description} ({default})"
+        help_text = f"{field.description} ({default})".replace("%", "%%")  # argparse formats help with %
         if is_bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -99,13 +99,26 @@ DATA_FILE_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text"
 
 
 class DataConfig(_Strict):
-    train_files: list[str] = Field(min_length=1, description="local .txt / .jsonl / .json / .parquet files")
+    train_files: list[str] = Field(default_factory=list, description="local .txt / .jsonl / .json / .parquet files")
     validation_files: list[str] = Field(default_factory=list, description="held-out files (else split)")
-    validation_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out when no validation_files")
-    text_field: str = Field("text", description="field holding the text in JSON / parquet rows")
+    dataset: str | None = Field(None, description="a datasets dataset instead of files: hub id, local dataset "
+                                "folder or save_to_disk folder")
+    dataset_config: str | None = Field(None, description="the dataset's configuration name")
+    dataset_revision: str | None = Field(None, description="hub dataset revision (branch, tag or commit)")
+    train_split: str = Field("train", description="split of data.dataset to train on")
+    validation_split: str | None = Field(None, description="held-out split of data.dataset (else a fraction)")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out when no validation data")
+    text_field: str = Field("text", description="field holding the text in JSON / parquet / dataset rows")
     seq_len: int = Field(512, ge=8, description="target tokens per training block")
     shuffle_seed: int = Field(0, description="seed of the per-epoch block order")
     min_block_tokens: int = Field(16, ge=2, description="drop trailing blocks shorter than this")
+    max_piece_chars: int = Field(1_000_000, ge=1_000, description="longer documents are tokenized in pieces "
+                                 "of at most this many characters, cut at line breaks")
+    cache_dir: str | None = Field(None, description="where prepared corpora are cached (default: the livefuse "
+                                  "cache's data/)")
+    num_proc: int = Field(1, ge=1, description="processes that tokenize when a corpus is prepared")
+    streaming: bool = Field(False, description="read documents as a stream, tokenized on the fly (no cache)")
+    shuffle_buffer: int = Field(10_000, ge=1, description="streaming: documents in the shuffle buffer")
 
     @field_validator("train_files", "validation_files")
     @classmethod
@@ -115,13 +128,29 @@ class DataConfig(_Strict):
                 raise ValueError(f"data file {path!r} has an unknown extension; accepted: {', '.join(DATA_FILE_KINDS)}")
         return v
 
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if bool(self.train_files) == (self.dataset is not None):
+            raise ValueError("data: set either train_files (local files) or dataset (a datasets dataset), "
+                             "exactly one of them")
+        if self.dataset is None and self.validation_split is not None:
+            raise ValueError("data.validation_split names a split of data.dataset; with files use "
+                             "validation_files")
+        if self.dataset is not None and self.validation_files:
+            raise ValueError("data.validation_files go with train_files; with data.dataset use validation_split")
+        return self
+
     def check_inputs(self) -> None:
-        """Every data file exists and is readable here (not part of validation: a config may be checked for
-        another machine, e.g. a container's)."""
+        """Every data file exists and is readable here, or the dataset is there (not part of validation: a
+        config may be checked for another machine, e.g. a container's)."""
         for field in ("train_files", "validation_files"):
             for path in getattr(self, field):
                 if not Path(path).is_file() or not os.access(path, os.R_OK):
                     raise ValueError(f"data.{field}: data file {path!r} does not exist or is not readable")
+        if self.dataset is not None:
+            from student_trainer.trainer.data_sources import check_dataset
+
+            check_dataset(self)
 
 
 class TrainConfig(_Strict):
@@ -173,6 +202,9 @@ class TrainerConfig(_Strict):
             raise ValueError(f"sources: duplicate names {dupes}; each source needs its own name")
         if self.method.lambda_clm < 1.0 and not self.sources:
             raise ValueError("method.lambda_clm < 1 needs at least one source; set lambda_clm=1 for CLM only")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming: true needs train.max_steps (a stream has no known length, so "
+                             "epochs cannot be counted)")
         return self
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import torch.distributed as dist
 from protos.vocabulary import raw_vocab, tokenizer_fingerprint
 from student_trainer.trainer import evaluation
 from student_trainer.trainer.config import TrainerConfig
-from student_trainer.trainer.data import Block, BlockSampler, make_blocks, read_documents, split_documents
+from student_trainer.trainer.data import Block, BlockSampler, Sampler
+from student_trainer.trainer.data_cache import load_tokenizer, prepare, say_stderr
 from student_trainer.trainer.extensions import clear_stale_locks
 from student_trainer.trainer.prefetch import Prefetcher
 from student_trainer.trainer.run_log import RunLogger
@@ -79,8 +81,8 @@ class Run:
     config: TrainerConfig
     engine: Any
     tokenizer: Any
-    sampler: BlockSampler
-    val_blocks: list[Block]
+    sampler: Sampler
+    val_blocks: Sequence[Block]
     sources: list[Source]
     logger: RunLogger
     rank: int
@@ -132,28 +134,29 @@ class Run:
         self.logger.close()
 
 
-def _load_target(config: TrainerConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(config: TrainerConfig):
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(config.target.tokenizer or config.target.model)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"target.tokenizer: {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the "
-                         "trainer needs character offsets (save the tokenizer with a tokenizer.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
-    model = AutoModelForCausalLM.from_pretrained(config.target.model, dtype=getattr(torch, config.target.dtype))
-    return tokenizer, model
+    return AutoModelForCausalLM.from_pretrained(config.target.model, dtype=getattr(torch, config.target.dtype))
 
 
-def _data(config: TrainerConfig, tokenizer) -> tuple[list[Block], list[Block]]:
+def _data(config: TrainerConfig, tokenizer, micro: int, rank: int, world: int
+          ) -> tuple[Sampler, Sequence[Block], dict[str, Any]]:
+    """This rank's sampler, the held-out blocks and what the start-up log says about the data.
+
+    Prepared (default): the corpus cache is opened, or built once by whichever rank gets its lock first while
+    the others wait; blocks are read from it on demand. Streaming: documents are tokenized on the fly.
+    """
     d = config.data
-    docs = read_documents(d.train_files, d.text_field)
-    if d.validation_files:
-        train_docs, val_docs = docs, read_documents(d.validation_files, d.text_field)
-    else:
-        train_docs, val_docs = split_documents(docs, d.validation_fraction, d.shuffle_seed)
-    return (make_blocks(train_docs, tokenizer, d.seq_len, d.min_block_tokens),
-            make_blocks(val_docs, tokenizer, d.seq_len, d.min_block_tokens))
+    if d.streaming:
+        from student_trainer.trainer.data_stream import stream_data
+
+        return stream_data(d, tokenizer, micro, rank=rank, world=world, eval_blocks=config.run.eval_blocks)
+    prepared = prepare(d, tokenizer, progress=config.run.progress,
+                       say=say_stderr if world == 1 else lambda m: say_stderr(f"rank {rank}: {m}"))
+    train, val = prepared.blocks("train"), prepared.blocks("validation")
+    sampler = BlockSampler(train, micro, tokenizer.pad_token_id, seed=d.shuffle_seed, rank=rank, world=world)
+    return sampler, val, {**prepared.facts(), "train_blocks": len(train), "val_blocks": len(val)}
 
 
 def build_run(config: TrainerConfig) -> Run:
@@ -163,8 +166,12 @@ def build_run(config: TrainerConfig) -> Run:
     rank, world = init_distributed()
     torch.manual_seed(config.train.seed)
     logger = RunLogger(Path(config.run.output_dir), rank, config)
-    tokenizer, model = _load_target(config)
-    train_blocks, val_blocks = _data(config, tokenizer)
+    user_ds = config.train.deepspeed
+    merged = _merge(DEEPSPEED_DEFAULTS, user_ds)
+    micro, gas = int(merged["train_micro_batch_size_per_gpu"]), int(merged["gradient_accumulation_steps"])
+    tokenizer = load_tokenizer(config.target.tokenizer or config.target.model)
+    sampler, val_blocks, data_facts = _data(config, tokenizer, micro, rank, world)  # before the model: fail early
+    model = _load_model(config)
     target_vocab = raw_vocab(tokenizer, model.get_output_embeddings().weight.shape[0])
     target_fingerprint = tokenizer_fingerprint(tokenizer)
     vocab_cache = Path(config.run.vocab_cache_dir) if config.run.vocab_cache_dir else default_cache_dir() / "vocab-maps"
@@ -177,15 +184,11 @@ def build_run(config: TrainerConfig) -> Run:
             source.close()
         logger.close()
         raise
-    user_ds = config.train.deepspeed
-    merged = _merge(DEEPSPEED_DEFAULTS, user_ds)
-    micro, gas = int(merged["train_micro_batch_size_per_gpu"]), int(merged["gradient_accumulation_steps"])
-    sampler = BlockSampler(train_blocks, micro, tokenizer.pad_token_id, seed=config.data.shuffle_seed,
-                           rank=rank, world=world)
-    max_steps = config.train.max_steps or max(1, int(config.train.epochs * sampler.per_epoch / gas))
+    assert sampler.per_epoch is not None or config.train.max_steps, "streaming needs max_steps (config check)"
+    max_steps = config.train.max_steps or max(1, int(config.train.epochs * (sampler.per_epoch or 0) / gas))
     ds_cfg = deepspeed_config(user_ds, max_steps, torch.cuda.is_available())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_cfg)
-    logger.start(train_blocks=len(train_blocks), val_blocks=len(val_blocks), max_steps=max_steps, world=world,
+    logger.start(max_steps=max_steps, world=world, data=data_facts,
                  sources={s.name: s.info.model_name for s in sources}, deepspeed=ds_cfg)
     return Run(config, engine, tokenizer, sampler, val_blocks, sources, logger, rank, world, max_steps)

@@ -56,6 +56,19 @@ def test_cli_flags_cover_every_field_and_only_given_flags_override(tmp_path):
     assert set(TeacherConfig.model_fields) <= dests
 
 
+def test_optional_float_flags_take_none_and_help_prints(capsys):
+    """``--max-connection-age-s none`` turns the connection age off (float | None); --help renders every
+    description (argparse %-formats help: a literal % in a description used to crash it)."""
+    args = vars(build_parser().parse_args(["--model", "m", "--max-connection-age-s", "off"]))
+    assert load_config(None, {k: v for k, v in args.items() if k != "config"}).max_connection_age_s is None
+    assert load_config(None, {"model": "m"}).max_connection_age_s == 300.0
+    assert build_parser().parse_args(["--max-connection-age-s", "2.5"]).max_connection_age_s == 2.5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-connection-age-s", "soon"])
+    assert "invalid float or none value: 'soon'" in capsys.readouterr().err
+    assert "--max-connection-age-s" in build_parser().format_help()
+
+
 def test_readme_documents_every_setting():
 
     readme = (REPO / "docs" / "TEACHER.md").read_text()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import LlamaForCausalLM
 
 from protos import teacher_pb2 as pb
 from student_trainer.demo.assets import SMOLLM2_GGUF, smollm2_dir
 from student_trainer.trainer.client import TeacherClient
+from teacher_server.backends.hf import load_hf
 from teacher_server.background import BackgroundServer
 
 from .conftest import make_config
@@ -22,16 +23,17 @@ TEXT = "The capital of France is Paris. The capital of Germany is Berlin."
 def test_gguf_model_serves_the_same_answer_as_a_direct_forward_and_knows_paris():
     folder = smollm2_dir()
     config = make_config(folder, gguf_file=SMOLLM2_GGUF, max_top_k=10)
-    with BackgroundServer(config) as server, TeacherClient(f"127.0.0.1:{server.port}", timeout=120) as client:
+    backend, tokenizer = load_hf(config)  # the server's own loading path, done once (GGUF dequantizes slowly)
+    with (BackgroundServer(config, backend, tokenizer) as server,
+          TeacherClient(f"127.0.0.1:{server.port}", timeout=120) as client):
         info = client.info()
         got = client.score([TEXT], top_k=5, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
         vocab = client.vocab()
     assert info.architecture == "LlamaForCausalLM" and info.vocab_size == len(vocab) >= 49152
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    ref_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(ref_model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    assert isinstance(backend.model, LlamaForCausalLM) and backend.model.dtype == torch.float32
+    ids = tokenizer.hf(TEXT, add_special_tokens=False)["input_ids"]  # a plain call, no server chunking
+    with torch.no_grad():  # a plain forward of the loaded weights, no batching, padding or chunked head
+        logp = torch.log_softmax(backend.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     np.testing.assert_array_equal(got.input_ids, ids)
     np.testing.assert_allclose(got.topk_logprobs, logp.topk(5, -1).values.numpy(), atol=1e-4)
     # a real model: after "The capital of France is" the top prediction is " Paris"

@@ -126,10 +126,10 @@ def test_a_client_that_does_not_read_stops_the_server_reading(tiny_model_dirs, l
     with BackgroundServer(config, backend, tokenizer) as server, \
             grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)]) as channel:
         requests = [pb.ScoreRequest(texts=[text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32, request_id=str(i))
-                    for i in range(300)]
+                    for i in range(120)]  # over 3x what the server may read ahead
         call = pb_grpc.TeacherStub(channel).ScoreStream(iter(requests), timeout=120)  # not read for now
         scored = _settled(server)
         assert scored <= config.stream_max_pending + 4, scored
         responses = list(call)  # reading again lets the server go on to the end
-    assert len(responses) == 300 and not any(r.HasField("error") for r in responses)
+    assert len(responses) == 120 and not any(r.HasField("error") for r in responses)
 

@@ -17,30 +17,35 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUICK_DEMO_S = 1000  # a cold cache on a quiet 2-core machine: assets (tiny models pretrained) + 3 short runs
 
 
-def livefuse_children() -> list[str]:
-    """Command lines of running teacher or trainer processes."""
+TAG = "LIVEFUSE_TEST_DEMO"  # set for the demo under test; its children inherit it, others' processes do not
+
+
+def demo_env(out: Path) -> dict[str, str]:
+    return {**os.environ, TAG: str(out)}
+
+
+def demo_children(out: Path) -> list[str]:
+    """Command lines of the teacher and trainer processes started by the demo writing to ``out``: found by the
+    environment variable they inherit, so another demo or test on the same machine is not counted."""
+    mark = f"{TAG}={out}".encode()
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             cmd = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (Path("/proc") / pid / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "-m teacher_server" in cmd or "-m student_trainer --config" in cmd:
+        if ("-m teacher_server" in cmd or "-m student_trainer --config" in cmd) and mark in env:
             found.append(cmd)
     return found
-
-
-def demo_children(out: Path) -> list[str]:
-    """This demo's teachers (they serve models from the demo cache) and trainers (they write under ``out``)."""
-    return [c for c in livefuse_children() if str(out) in c or "demo-models" in c]
 
 
 @pytest.mark.timeout(QUICK_DEMO_S + 60)  # pytest's own limit above the demo's
 def test_quick_demo_end_to_end(tmp_path):
     run = subprocess.run([sys.executable, "-m", "student_trainer.demo", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=QUICK_DEMO_S)
+                         capture_output=True, text=True, timeout=QUICK_DEMO_S, env=demo_env(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = (tmp_path / "results.md").read_text()
     for row in ("target (initial)", "target + clm_only", "target + min_ce", "target + avg_ce", "source: code",
@@ -62,7 +67,7 @@ def test_quick_demo_end_to_end(tmp_path):
 @pytest.mark.timeout(QUICK_DEMO_S + 60)
 def test_ctrl_c_stops_every_child(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "student_trainer.demo", "--quick", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=demo_env(tmp_path))
     assert proc.stdout is not None
     deadline = time.monotonic() + QUICK_DEMO_S - 150
     for line in proc.stdout:

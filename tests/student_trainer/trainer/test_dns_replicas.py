@@ -28,6 +28,7 @@ dnslib = pytest.importorskip("dnslib")
 dns_server = pytest.importorskip("dnslib.server")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # gRPC re-resolves a name at most every 30 s
 NAME = "teacher.test"
+MAX_AGE_S = 3.0  # the teachers close connections this often, so clients re-resolve (the default is 300 s)
 
 
 class Zone(dns_server.BaseResolver):
@@ -62,8 +63,9 @@ def zone():
 class Replica:
     """A real teacher server on ``address:port`` counting the forwards it runs."""
 
-    def __init__(self, model: Path, address: str, port: int) -> None:
-        config = teacher_config(model, port).model_copy(update={"host": address})
+    def __init__(self, model: Path, address: str, port: int, max_age_s: float | None = MAX_AGE_S) -> None:
+        config = teacher_config(model, port).model_copy(update={
+            "host": address, "max_connection_age_s": max_age_s, "max_connection_age_grace_s": 5.0})
         inner, tokenizer = load_hf(config)
         self.backend = ControlledBackend(inner)
         self.server: BackgroundServer | None = BackgroundServer(config, self.backend, tokenizer).start()
@@ -82,6 +84,13 @@ def _port_free_on(addresses: list[str]) -> int:
         with socket.socket() as s:
             s.bind((address, port))
     return port
+
+
+def _wait_for_traffic(replica: Replica, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while replica.backend.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert replica.backend.calls > 0, f"the added replica got no traffic in {seconds:.0f} s"
 
 
 def _score(client: TeacherClient, n: int) -> None:
@@ -113,17 +122,16 @@ def test_replicas_added_and_removed_behind_one_dns_name_are_picked_up_and_droppe
         assert all(r.backend.calls > 0 for r in replicas.values()), "round robin over both addresses"
         runner = threading.Thread(target=keep_scoring, daemon=True)
         runner.start()
-        replicas["127.0.0.4"] = Replica(tiny_model_dirs["gpt2"], "127.0.0.4", port)  # scale up ...
-        zone.addresses = addresses
-        replicas["127.0.0.3"].stop()  # ... and down: a replica goes away under load
+        replicas["127.0.0.4"] = Replica(tiny_model_dirs["gpt2"], "127.0.0.4", port)  # scale up alone: no
+        zone.addresses = addresses  # connection is lost, only the teachers' max_connection_age_s re-resolves
+        _wait_for_traffic(replicas["127.0.0.4"], 90)  # gRPC re-resolves at most once per 30 s
+        assert not errors, f"calls failed while a replica was added: {errors[:3]}"
+        replicas["127.0.0.3"].stop()  # scale down: a replica goes away under load
         zone.addresses = ["127.0.0.2", "127.0.0.4"]
-        deadline = time.monotonic() + 90  # gRPC re-resolves on the lost connection, at most once per 30 s
-        while replicas["127.0.0.4"].backend.calls == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        time.sleep(2 * MAX_AGE_S)
         stop.set()
         runner.join(60)
         assert not errors, f"calls failed while replicas changed: {errors[:3]}"
-        assert replicas["127.0.0.4"].backend.calls > 0, "the added replica never got traffic"
         before = {a: r.backend.calls for a, r in replicas.items()}
         _score(client, 8)
         after = {a: r.backend.calls - before[a] for a, r in replicas.items()}
