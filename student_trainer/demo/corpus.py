@@ -71,3 +71,17 @@ def write_corpus(out_dir: Path, held_out: float = 0.1, seed: int = 0, max_files:
 
 def read_jsonl(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_mixed_heldout(corpus: dict[str, Path], chars: int = 800, docs: int = 64) -> Path:
+    """Excerpts (the first ``chars`` characters) of code and prose held-out documents, alternating: a small
+    held-out file on which the trainer's periodic evaluation sees both domains evenly (the first blocks of
+    the per-domain files would all be code)."""
+    path = corpus["code_heldout"].parent / f"mixed_heldout_{chars}x{docs}.jsonl"
+    if not path.exists():
+        code, prose = read_jsonl(corpus["code_heldout"]), read_jsonl(corpus["prose_heldout"])
+        texts = [t[:chars] for pair in zip(code, prose, strict=False) for t in pair][:docs]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.rename(path)
+    return path

@@ -1,30 +1,25 @@
-"""The demo's evaluation and report: held-out perplexity per domain, a Markdown table, a loss plot."""
+"""The demo's evaluation and report: held-out perplexity per domain (mean ± sd over seeds), the paired gain
+of fusion over CLM-only, the sample-efficiency curve, a Markdown table and two plots."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from student_trainer.demo.corpus import read_jsonl
 from student_trainer.trainer.client import TeacherClient
+from student_trainer.trainer.compare import Mode, eval_curves, heldout_scores, model_scores, run_dir
 from student_trainer.trainer.data import make_blocks
-from student_trainer.trainer.evaluation import nll_sums, summarise, teacher_sums
+from student_trainer.trainer.evaluation import summarise, teacher_sums
+from student_trainer.trainer.seed_stats import mean_curve, mean_sd, paired_table, share_to_reach
 
 DOMAINS = ("code", "prose")
-
-
-def model_scores(folder: Path, texts: list[str], seq_len: int, n_blocks: int) -> dict[str, float]:
-    """Perplexity per target token and nats per character of a saved model on held-out texts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    blocks = make_blocks(texts, tok, seq_len, 16)[:n_blocks]
-    scores = summarise(nll_sums(model, blocks, tok.pad_token_id or 0, micro_batch=8))
-    return {"ppl": scores["perplexity"], "nats_per_char": scores["nats_per_char"]}
+BASELINE = "clm_only"
 
 
 def teacher_scores(address: str, block_texts: list[str]) -> dict[str, float]:
@@ -36,44 +31,79 @@ def teacher_scores(address: str, block_texts: list[str]) -> dict[str, float]:
 
 
 def evaluate_all(out: Path, models: dict[str, Path], teachers: dict[str, str], corpus: dict[str, Path],
-                 modes: list[str], seq_len: int, n_blocks: int) -> list[dict[str, object]]:
+                 modes: Sequence[Mode], seeds: Sequence[int], seq_len: int, n_blocks: int) -> dict[str, Any]:
+    """Every run, the target's initial model and every source on the held-out text of both domains."""
     texts = {d: read_jsonl(corpus[f"{d}_heldout"]) for d in DOMAINS}
-    targets = {"target (initial)": models["target_init"],
-               **{f"target + {m}": out / "runs" / m / "final" for m in modes}}
-    rows: list[dict[str, object]] = []
-    for label, folder in targets.items():
-        row: dict[str, object] = {"model": label}
-        for d in DOMAINS:
-            for k, v in model_scores(folder, texts[d], seq_len, n_blocks).items():
-                row[f"{d}_{k}"] = v
-        rows.append(row)
+    scores = heldout_scores(out / "runs", modes, seeds, texts, seq_len, n_blocks)
+    initial = {f"{d}_{k}": v for d in DOMAINS for k, v in model_scores(models["target_init"], texts[d], seq_len,
+                                                                        n_blocks).items()}
     from transformers import AutoTokenizer
 
     target_tok = AutoTokenizer.from_pretrained(models["target_init"])
     block_texts = {d: [b.text for b in make_blocks(texts[d], target_tok, seq_len, 16)[:n_blocks]] for d in DOMAINS}
-    for name, address in teachers.items():
-        row = {"model": f"source: {name}" + (" (= target initial)" if name == "target_init" else "")}
-        for d in DOMAINS:
-            for k, v in teacher_scores(address, block_texts[d]).items():
-                row[f"{d}_{k}"] = v
-        rows.append(row)
-    return rows
+    sources = {name: {f"{d}_{k}": v for d in DOMAINS for k, v in teacher_scores(address, block_texts[d]).items()}
+               for name, address in teachers.items()}
+    return {"scores": scores, "initial": initial, "sources": sources}
 
 
-def _fmt(v: object) -> str:
-    return "–" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+def sample_efficiency(out: Path, modes: Sequence[Mode], seeds: Sequence[int], initial_model: Path, curve_file: Path,
+                      seq_len: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The trainer's periodic held-out perplexity per mode and seed against training tokens, each curve
+    starting from the initial model's perplexity on the same blocks (same evaluator)."""
+    config = json.loads((run_dir(out / "runs", modes[0].name, seeds[0]) / "config.json").read_text())
+    start = model_scores(initial_model, read_jsonl(curve_file), seq_len, config["run"]["eval_blocks"])["ppl"]
+    curves = eval_curves(out / "runs", modes, seeds)
+    return {m: {str(s): [(0.0, start), *pts] for s, pts in by_seed.items()} for m, by_seed in curves.items()}
 
 
-def write_table(out: Path, rows: list[dict[str, object]], args) -> str:
+def _fmt(values: Sequence[float]) -> str:
+    if any(isinstance(v, float) and math.isnan(v) for v in values):
+        return "–"
+    mean, sd = mean_sd(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _row(label: str, cells: dict[str, Sequence[float]]) -> str:
+    keys = [f"{d}_{k}" for k in ("ppl", "nats_per_char") for d in DOMAINS]
+    return f"| {label} | " + " | ".join(_fmt(cells[k]) for k in keys) + " |\n"
+
+
+def efficiency_sentences(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
+    """"<mode> reaches clm_only's final perplexity after X% of the tokens", from the seed-mean curves."""
+    if BASELINE not in curves:
+        return ""
+    base = {int(s): pts for s, pts in curves[BASELINE].items()}
+    lines = []
+    for mode, by_seed in curves.items():
+        if mode != BASELINE:
+            share = share_to_reach({int(s): pts for s, pts in by_seed.items()}, base)
+            lines.append(f"{mode} never reaches {BASELINE}'s final held-out perplexity" if math.isnan(share) else
+                         f"{mode} reaches {BASELINE}'s final held-out perplexity after {100 * share:.0f}% of the "
+                         "training tokens")
+    return "Sample efficiency (seed-mean curves, both domains): " + "; ".join(lines) + ".\n"
+
+
+def write_report(out: Path, result: dict[str, Any], args) -> str:
+    """results.md: the per-domain table (mean ± sd over seeds), the paired gains, the sample-efficiency line."""
+    scores, n = result["scores"], args.seeds
     head = ("| model | code ppl | prose ppl | code nats/char | prose nats/char |\n"
             "| --- | ---: | ---: | ---: | ---: |\n")
-    body = "".join(f"| {r['model']} | {_fmt(r['code_ppl'])} | {_fmt(r['prose_ppl'])} | "
-                   f"{_fmt(r['code_nats_per_char'])} | {_fmt(r['prose_nats_per_char'])} |\n" for r in rows)
+    body = _row("target (initial)", {k: [v] for k, v in result["initial"].items()})
+    for mode, runs in scores.items():
+        body += _row(f"target + {mode}", {k: [r[k] for r in runs.values()] for k in next(iter(runs.values()))})
+    for name, row in result["sources"].items():
+        label = f"source: {name}" + (" (= target initial)" if name == "target_init" else "")
+        body += _row(label, {k: [v] for k, v in row.items()})
     note = (f"\nHeld-out: {args.eval_blocks} blocks of {args.seq_len} target tokens per domain. ppl = perplexity per "
             "target token (targets share one tokenizer); nats/char compares models across tokenizers. "
-            f"{args.steps} training steps per run, same data and seed.\n")
+            f"{args.steps} training steps per run; target rows are the mean"
+            + (f" ± sd over {n} seeds (seed = train seed and data order)" if n > 1 else " of 1 seed") + ".\n")
     table = head + body + note
+    if BASELINE in scores and len(scores) > 1:
+        table += "\n" + paired_table(scores, ["code_ppl", "prose_ppl"], BASELINE)
+    table += "\n" + efficiency_sentences(result.get("curves", {}))
     (out / "results.md").write_text(table)
+    plot_sample_efficiency(out, result.get("curves", {}))
     return table
 
 
@@ -86,25 +116,55 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
     return out
 
 
-def plot_losses(out: Path, modes: list[str]) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(out: Path, modes: list[str], seed: int = 0) -> None:
+    """Training CLM (and fusion) loss per mode, seed ``seed``."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, mode in enumerate(modes):
-        lines = (out / "runs" / mode / "metrics.jsonl").read_text().splitlines()
+        lines = (run_dir(out / "runs", mode, seed) / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x) for x in lines if '"loss"' in x]
         xs = [s["step"] for s in steps]
         color = f"C{i}"
         ax.plot(xs, _smooth([s["clm_loss"] for s in steps]), color=color, label=f"{mode}: CLM loss")
-        if mode != "clm_only":
+        if mode != BASELINE:
             ax.plot(xs, _smooth([s["fusion_loss"] for s in steps]), "--", color=color, label=f"{mode}: fusion loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token, 10-step mean)")
-    ax.set_title("livefuse demo: training loss")
+    ax.set_title(f"livefuse demo: training loss (seed {seed})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_sample_efficiency(out: Path, curves: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
+    """Held-out perplexity (both domains) against training tokens per mode: seed mean, band = min..max."""
+    if not curves:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (mode, by_seed) in enumerate(curves.items()):
+        tokens, mean, low, high = mean_curve({int(s): pts for s, pts in by_seed.items()})
+        ax.plot(tokens / 1000, mean, color=f"C{i}", marker=".", label=f"{mode} ({len(by_seed)} seed(s))")
+        if len(by_seed) > 1:
+            ax.fill_between(tokens / 1000, low, high, color=f"C{i}", alpha=0.2)
+    if BASELINE in curves:
+        final = mean_curve({int(s): p for s, p in curves[BASELINE].items()})[1][-1]
+        ax.axhline(final, color="grey", linestyle=":", label=f"{BASELINE} final")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("held-out perplexity (code + prose)")
+    ax.set_title("livefuse demo: sample efficiency (mean, band = min..max over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sample_efficiency.png", dpi=120)
     plt.close(fig)

@@ -16,7 +16,7 @@ import numpy as np
 
 from student_trainer.core.vocab import build_vocab_map
 
-ALGORITHM_VERSION = 1  # bump when build_vocab_map's output changes
+ALGORITHM_VERSION = 2  # bump when build_vocab_map's output changes (2: whitespace runs go to the ids the target emits)
 
 
 def default_cache_dir() -> Path:

@@ -44,9 +44,11 @@ def plain_mined_positions(path_i, path_j, src: Tokens, tgt: Tokens, pair) -> lis
         (i, *more) = partners[j]
         s_id = int(src.ids[i])
         s_str, t_str = pair.source_canon[s_id], pair.target_canon[t_id]
-        if i == 0 and j == 0:
-            s_str, t_str = s_str.lstrip(" "), t_str.lstrip(" ")
-        out.append(i if not more and (s_str == t_str or pair.vocab_map[s_id] == t_id) else -1)
+        same = s_str == t_str or pair.vocab_map[s_id] == t_id
+        if i == 0 and j == 0:  # SentencePiece's dummy prefix: exactly one more leading space on one side
+            lead_s, lead_t = len(s_str) - len(s_str.lstrip(" ")), len(t_str) - len(t_str.lstrip(" "))
+            same |= s_str.lstrip(" ") == t_str.lstrip(" ") and abs(lead_s - lead_t) == 1
+        out.append(i if not more and same else -1)
     return out
 
 

@@ -3,6 +3,7 @@ process left behind, also when the user presses Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,9 +51,16 @@ def test_quick_demo_end_to_end(tmp_path):
     for row in ("target (initial)", "target + clm_only", "target + min_ce", "target + avg_ce", "source: code",
                 "source: prose"):
         assert f"| {row}" in table
-    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    assert "Paired change against clm_only" in table and "Sample efficiency" in table
+    for plot in ("loss_curves.png", "sample_efficiency.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
+    result = json.loads((tmp_path / "results.json").read_text())
     for mode in ("clm_only", "min_ce", "avg_ce"):
-        assert (tmp_path / "runs" / mode / "final" / "model.safetensors").exists()
+        assert (tmp_path / "runs" / mode / "seed-0" / "final" / "model.safetensors").exists()
+        curve = result["curves"][mode]["0"]  # the initial model, then the evaluations at steps 2 and 4
+        assert len(curve) == 3 and curve[0][0] == 0.0 < curve[1][0] < curve[2][0]
+        assert set(result["scores"][mode]["0"]) == {"code_ppl", "prose_ppl", "code_nats_per_char",
+                                                    "prose_nats_per_char"}
     assert not demo_children(tmp_path)  # every teacher and trainer process is gone
 
 

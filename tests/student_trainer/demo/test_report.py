@@ -1,0 +1,40 @@
+"""The demo's report from given scores and curves (no training): mean ± sd per cell, the paired gains over
+CLM-only, the sample-efficiency sentence and plot."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from student_trainer.demo.report import efficiency_sentences, write_report
+
+
+def _row(code: float, prose: float) -> dict[str, float]:
+    return {"code_ppl": code, "prose_ppl": prose, "code_nats_per_char": code / 200, "prose_nats_per_char": prose / 500}
+
+
+def test_three_seeds_give_mean_sd_paired_gains_and_the_efficiency_line(tmp_path):
+    curve = [(0.0, 900.0), (100.0, 500.0), (200.0, 400.0)]
+    faster = [(0.0, 900.0), (100.0, 450.0), (200.0, 300.0)]  # reaches 400 at 133 of 200 tokens
+    result = {
+        "scores": {"clm_only": {0: _row(250, 950), 1: _row(260, 980), 2: _row(240, 940)},
+                   "min_ce": {0: _row(240, 930), 1: _row(250, 960), 2: _row(231, 921)},
+                   "avg_ce": {0: _row(255, 940), 1: _row(255, 990), 2: _row(235, 930)}},
+        "initial": _row(870, 1720),
+        "sources": {"code": {"code_ppl": float("nan"), "prose_ppl": float("nan"), "code_nats_per_char": 1.2,
+                             "prose_nats_per_char": 2.1}},
+        "curves": {"clm_only": {str(s): curve for s in range(3)}, "min_ce": {str(s): faster for s in range(3)},
+                   "avg_ce": {str(s): curve for s in range(3)}},
+    }
+    table = write_report(tmp_path, result, Namespace(seeds=3, eval_blocks=48, seq_len=128, steps=60))
+    assert "| target + clm_only | 250.000 ± 10.000 | 956.667 ± 20.817 |" in table
+    assert "| source: code | – | – | 1.200 | 2.100 |" in table
+    assert "| min_ce | -3.87 ± 0.13% (3/3) ✓ | -2.06 ± 0.04% (3/3) ✓ |" in table
+    assert "| avg_ce | -0.67 ± 2.31% (2/3) | -0.37 ± 1.20% (2/3) |" in table and "mean ± sd over 3 seeds" in table
+    assert "min_ce reaches clm_only's final held-out perplexity after 67% of the training tokens" in table
+    assert "avg_ce reaches clm_only's final held-out perplexity after 100%" in table
+    assert (tmp_path / "results.md").read_text() == table
+    assert (tmp_path / "sample_efficiency.png").stat().st_size > 10_000
+
+
+def test_no_clm_only_run_no_efficiency_line():
+    assert efficiency_sentences({"min_ce": {"0": [(0.0, 1.0)]}}) == ""
