@@ -38,6 +38,9 @@ class Mode:
     overrides: tuple[str, ...] = ()
 
 
+STOP_WAIT_S = 30.0  # how long a stopped run may take to checkpoint and exit before it is killed
+
+
 def run_dir(out: Path, mode: str, seed: int) -> Path:
     return Path(out) / mode / f"seed-{seed}"
 
@@ -56,8 +59,21 @@ def train_once(config: Path, out_dir: Path, overrides: Sequence[str], env: dict[
             if proc.wait() != 0:
                 raise RuntimeError(f"training run {out_dir} failed with exit code {proc.returncode}")
         except BaseException:
-            proc.terminate()
+            stop_run(proc)
             raise
+
+
+def stop_run(proc: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
+    """Asks a run to stop (SIGTERM: it saves a checkpoint at the next step boundary, so the same command
+    resumes) and kills it if it has not stopped within ``wait_s`` — in its start-up (vocabulary maps,
+    DeepSpeed) the next step boundary can be minutes away, and the caller must not hang on Ctrl-C."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        print(f"[compare] the run did not stop within {wait_s:.0f} s: killed (no checkpoint)", flush=True)
+        proc.kill()
+        proc.wait()
 
 
 def is_done(out_dir: Path) -> bool:

@@ -7,11 +7,12 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from student_trainer.trainer.compare import Mode, run_dir, seed_overrides
+from student_trainer.trainer.compare import Mode, run_dir, seed_overrides, stop_run
 from student_trainer.trainer.seed_stats import (
     Gain,
     comparison_tables,
@@ -94,3 +95,19 @@ def test_cli_runs_every_mode_and_seed_and_pairs_them(tmp_path, target, teachers)
     assert firsts["clm_only", 0] == pytest.approx(firsts["min_ce", 0], rel=1e-5)  # same blocks, same start
     assert firsts["clm_only", 0] != pytest.approx(firsts["clm_only", 1], rel=1e-5)  # another data order
     assert seed_overrides(3) == ["train.seed=3", "data.shuffle_seed=3"] and Mode("a").overrides == ()
+
+
+def test_a_run_that_does_not_stop_on_sigterm_is_killed_after_the_wait():
+    """Ctrl-C in the demo/compare stops its training child: SIGTERM first (checkpoint at a step boundary), a
+    kill when that does not come in time — the caller never hangs on a run still starting up."""
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    stop_run(stubborn, wait_s=1.0)
+    assert stubborn.returncode == -9 and time.monotonic() - start < 10
+    polite = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert polite.stdout.readline().strip() == "ready"
+    stop_run(polite, wait_s=30.0)
+    assert polite.returncode == -15  # stopped by SIGTERM, not killed
