@@ -19,6 +19,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from student_trainer.trainer.stopping import stop_process
+
 _DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
@@ -86,14 +88,8 @@ class TeacherProcess:
         return self
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, grace)
 
     def __enter__(self) -> TeacherProcess:
         return self.start()

@@ -28,6 +28,7 @@ from student_trainer.trainer.seed_stats import (
     curve_points,
     parse_metrics,
 )
+from student_trainer.trainer.stopping import stop_process
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,8 @@ def stop_run(proc: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
     """Asks a run to stop (SIGTERM: it saves a checkpoint at the next step boundary, so the same command
     resumes) and kills it if it has not stopped within ``wait_s`` — in its start-up (vocabulary maps,
     DeepSpeed) the next step boundary can be minutes away, and the caller must not hang on Ctrl-C."""
-    proc.terminate()
-    try:
-        proc.wait(wait_s)
-    except subprocess.TimeoutExpired:
+    if stop_process(proc, wait_s):
         print(f"[compare] the run did not stop within {wait_s:.0f} s: killed (no checkpoint)", flush=True)
-        proc.kill()
-        proc.wait()
 
 
 def is_done(out_dir: Path) -> bool:
