@@ -91,14 +91,14 @@ class TeacherServer:
         self.dead = asyncio.Event()  # the backend can never score again (BackendDead): stop, exit non-zero
         self.port = 0
         self.metrics_port: int | None = None
-        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-                  ("grpc.max_send_message_length", config.max_message_bytes)]
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
         if config.max_connection_age_s is not None:  # clients reconnect, re-resolving DNS: scale-ups are seen
-            limits += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                       ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))]
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))]
         token = load_token(config)
         self._credentials = server_credentials(config)
-        self.server = grpc.aio.server(options=limits, interceptors=[RequestGate(token, self.metrics)])
+        self.server = grpc.aio.server(options=options, interceptors=[RequestGate(token, self.metrics)])
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the gRPC port."""
