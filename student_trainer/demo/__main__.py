@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
+from student_trainer.demo import cpu_malloc
 from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_heldout
 from student_trainer.demo.models import Recipe, pretrain
 from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report
@@ -150,6 +151,7 @@ def start_teachers(stack: ExitStack, models: dict[str, Path], args: argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    cpu_malloc.apply_here()  # pretraining and evaluation run in this process (the children get it by clean_env)
     args.out.mkdir(parents=True, exist_ok=True)
     print("[demo] 1/4 assets (cached after the first run)", flush=True)
     for name in ("llama-spm", "gpt-2", "mistral-spm"):

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from student_trainer.demo.cpu_malloc import child_env
 from student_trainer.trainer.stopping import stop_process
 
 _DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -26,8 +27,9 @@ _DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 def clean_env() -> dict[str, str]:
     """This process's environment without a launcher's rendezvous variables: a child (a teacher, a new
-    training run) is not part of this process's torch.distributed group."""
-    return {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    training run) is not part of this process's torch.distributed group; with the glibc malloc settings of
+    ``cpu_malloc`` (unless the environment sets them)."""
+    return child_env({k: v for k, v in os.environ.items() if k not in _DIST_VARS})
 
 
 def _die_with_parent() -> None:
