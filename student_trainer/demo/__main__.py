@@ -11,7 +11,7 @@
 2. Each source runs as a real teacher server process on a free local port (the target's initial model is
    a source too, as in the paper).
 3. The target trains once per mode and seed (``trainer.compare``: seed = train seed and data order, the
-   same in every mode): CLM only (λ = 1), MinCE and AvgCE; the trainer evaluates on held-out text of both
+   same in every mode): CLM only (λ = 1), MinCE and AvgCE; the trainer evaluates on validation text of both
    domains as it goes (the sample-efficiency curve).
 4. Held-out perplexity per domain for each run (mean ± sd over seeds), the paired gain of each fusion mode
    over CLM only, the table printed and saved (Markdown), the loss and sample-efficiency curves plotted
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from contextlib import ExitStack
@@ -31,7 +32,7 @@ import yaml
 
 from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
 from student_trainer.demo import cpu_malloc
-from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_heldout
+from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_validation
 from student_trainer.demo.models import Recipe, pretrain
 from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report
 from student_trainer.demo.teacher_process import TeacherProcess, clean_env
@@ -44,7 +45,7 @@ SOURCES = {
 }
 TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=40, seed=1)
 TEACHER_MAX_TOP_K = 64  # the teacher server's default max_top_k (the demo starts its teachers with defaults)
-CURVE_BLOCKS = 64  # held-out blocks (both domains) of the trainer's periodic evaluation
+CURVE_BLOCKS = 64  # validation blocks (both domains) of the trainer's periodic evaluation
 MODES = {
     "clm_only": ["method.lambda_clm=1.0"],
     "min_ce": ["method.fusion=min_ce"],
@@ -71,7 +72,7 @@ def build_assets(corpus: dict[str, Path], scale: float, source_scale: float) -> 
 
 def train_config(out: Path, corpus: dict[str, Path], curve_file: Path, target: Path, teachers: dict[str, str],
                  args: argparse.Namespace) -> Path:
-    """The trainer config shared by every run (YAML, so a user can rerun any of them); the held-out file of
+    """The trainer config shared by every run (YAML, so a user can rerun any of them); the validation file of
     the trainer's periodic evaluation (the sample-efficiency curve) holds both domains."""
     config = {
         "target": {"model": str(target)},
@@ -106,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="domain-expert sources to start (the target's initial model is always a source too)")
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
                    help=f"runs to compare (default: {' '.join(DEFAULT_MODES)}; *_offsets use the offsets aligner)")
+    p.add_argument("--extra-mode", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="one more run per seed: a name, then trainer config overrides, e.g. --extra-mode tau_0.5 "
+                        "method.fusion=avg_ce method.avg_tau=0.5 (repeatable; compare settings on the validation "
+                        "line of the report)")
     p.add_argument("--lambda-clm", type=float, default=0.7,
                    help="λ of the fusion runs: λ·CLM + (1−λ)·fusion (default 0.7; the paper's is 0.9)")
     p.add_argument("--avg-tau", type=float, default=0.2,
@@ -117,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="steps between the trainer's held-out evaluations, the points of the sample-efficiency plot "
+                   help="steps between the trainer's validation evaluations, the points of the sample-efficiency plot "
                         "(default: steps / 4)")
     p.add_argument("--real", action="store_true",
                    help="also serve SmolLM2-135M-Instruct (a real LM, 93 MB download once) as a source")
@@ -131,6 +136,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds < 1 or args.steps < 1:
         p.error(f"--seeds and --steps must be at least 1 (got {args.seeds}, {args.steps})")
     args.eval_every = args.eval_every or max(1, args.steps // 4)
+    names = [m[0] for m in args.extra_mode]
+    for name, *overrides in args.extra_mode:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            p.error(f"--extra-mode name {name!r} names its run folder: letters, digits, '_', '.', '-' only")
+        if name in MODES or names.count(name) > 1:
+            p.error(f"--extra-mode name {name!r} is taken (built-in modes: {', '.join(MODES)}; names must differ)")
+        if bad := [o for o in overrides if "=" not in o]:
+            p.error(f"--extra-mode {name}: overrides are KEY=VALUE (e.g. method.avg_tau=0.5), got {' '.join(bad)}")
     return args
 
 
@@ -140,11 +153,16 @@ def start_teachers(stack: ExitStack, models: dict[str, Path], args: argparse.Nam
     serve = {name: (models[name],) for name in [*args.sources, "target_init"]}
     if args.real:  # a real pretrained LM (SmolLM2-135M-Instruct, GGUF from a PyPI wheel) as another source
         serve["smollm2"] = (smollm2_dir(), "--gguf-file", SMOLLM2_GGUF)
-    for name, (model, *extra) in serve.items():
-        proc = stack.enter_context(TeacherProcess(model, "--device", "cpu", "--max-tokens-per-text", "4096",
-                                                  *extra, name=name, log_path=args.out / f"teacher-{name}.log"))
+    procs = {}
+    for name, (model, *extra) in serve.items():  # launched together: they load in parallel
+        procs[name] = TeacherProcess(model, "--device", "cpu", "--max-tokens-per-text", "4096", *extra, name=name,
+                                     log_path=args.out / f"teacher-{name}.log")
+        stack.callback(procs[name].stop)
+        procs[name].launch()
+    for name, proc in procs.items():
+        proc.wait_ready()
         teachers[name] = proc.address
-        print(f"[demo]   {name}: {Path(model).name} on {proc.address}", flush=True)
+        print(f"[demo]   {name}: {Path(serve[name][0]).name} on {proc.address}", flush=True)
     return teachers
 
 
@@ -157,20 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("llama-spm", "gpt-2", "mistral-spm"):
         tokenizer_dir(name)
     corpus = write_corpus(cache_dir() / "demo-corpus")
-    curve_file = write_mixed_heldout(corpus)
+    curve_file = write_mixed_validation(corpus)
     models = build_assets(corpus, args.pretrain_scale, args.source_scale)
-    modes, seeds = [Mode(m, tuple(MODES[m])) for m in args.modes], list(range(args.seeds))
+    modes = [Mode(m, tuple(MODES[m])) for m in args.modes] + [Mode(n, tuple(o)) for n, *o in args.extra_mode]
+    seeds = list(range(args.seeds))
     with ExitStack() as stack:
         print("[demo] 2/4 starting teacher servers", flush=True)
         teachers = start_teachers(stack, models, args)
         config = train_config(args.out / "runs" / "template", corpus, curve_file, models["target_init"], teachers, args)
-        print(f"[demo] 3/4 training {', '.join(args.modes)} × seeds {seeds} ({args.steps} steps each)", flush=True)
+        print(f"[demo] 3/4 training {', '.join(m.name for m in modes)} × seeds {seeds} ({args.steps} steps each)", flush=True)
         run_grid(config, args.out / "runs", modes, seeds, env=clean_env())
         print("[demo] 4/4 held-out evaluation per domain", flush=True)
         result = evaluate_all(args.out, models, teachers, corpus, modes, seeds, args.seq_len, args.eval_blocks)
     result["curves"] = sample_efficiency(args.out, modes, seeds, models["target_init"], curve_file, args.seq_len)
     table = write_report(args.out, result, args)
-    plot_losses(args.out, args.modes)
+    plot_losses(args.out, [m.name for m in modes])
     print("\n" + table)
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {args.out}/results.md, {args.out}/loss_curves.png, "
           f"{args.out}/sample_efficiency.png")

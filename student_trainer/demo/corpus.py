@@ -1,6 +1,8 @@
 """Two domains every Python install carries: the standard library's code, and the English prose of its
-docstrings and comments. Files are split (seeded) into train and held-out; each domain is written as
-JSONL ({"text": ...} per file) so the trainer reads it like any user corpus."""
+docstrings and comments. Files are split (seeded) into train, validation and held-out (test); each domain
+is written as JSONL ({"text": ...} per file) so the trainer reads it like any user corpus. Settings are
+chosen on the validation files (the trainer's periodic evaluation reads them); the report's table is
+scored on the held-out files only."""
 
 from __future__ import annotations
 
@@ -42,15 +44,22 @@ def split_domains(source: str) -> tuple[str, str]:
     return code, "\n".join(prose)
 
 
-def write_corpus(out_dir: Path, held_out: float = 0.1, seed: int = 0, max_files: int = 400) -> dict[str, Path]:
-    """Writes {code,prose}_{train,heldout}.jsonl into ``out_dir`` (once); returns name -> path."""
-    names = [f"{d}_{s}" for d in ("code", "prose") for s in ("train", "heldout")]
+SPLITS = ("train", "valid", "heldout")
+
+
+def write_corpus(out_dir: Path, held_out: float = 0.1, validation: float = 0.1, seed: int = 0,
+                 max_files: int = 400) -> dict[str, Path]:
+    """Writes {code,prose}_{train,valid,heldout}.jsonl into ``out_dir`` (once); returns name -> path. The
+    held-out files are the first ``held_out`` of a seeded permutation of the standard library's files, the
+    validation files the next ``validation``, the rest is training text."""
+    names = [f"{d}_{s}" for d in ("code", "prose") for s in SPLITS]
     paths = {n: out_dir / f"{n}.jsonl" for n in names}
     if all(p.exists() for p in paths.values()):
         return paths
     files = stdlib_files()
     order = np.random.default_rng(seed).permutation(len(files))[:max_files]
     n_held = max(2, int(len(order) * held_out))
+    n_valid = max(2, int(len(order) * validation))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[str]] = {n: [] for n in names}
     for rank, i in enumerate(order):
@@ -58,7 +67,7 @@ def write_corpus(out_dir: Path, held_out: float = 0.1, seed: int = 0, max_files:
             code, prose = split_domains(files[i].read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, tokenize.TokenError):
             continue
-        split = "heldout" if rank < n_held else "train"
+        split = "heldout" if rank < n_held else "valid" if rank < n_held + n_valid else "train"
         for domain, text in (("code", code), ("prose", prose)):
             if len(text) > 200:
                 rows[f"{domain}_{split}"].append(text)
@@ -73,13 +82,13 @@ def read_jsonl(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_mixed_heldout(corpus: dict[str, Path], chars: int = 800, docs: int = 64) -> Path:
-    """Excerpts (the first ``chars`` characters) of code and prose held-out documents, alternating: a small
-    held-out file on which the trainer's periodic evaluation sees both domains evenly (the first blocks of
-    the per-domain files would all be code)."""
-    path = corpus["code_heldout"].parent / f"mixed_heldout_{chars}x{docs}.jsonl"
+def write_mixed_validation(corpus: dict[str, Path], chars: int = 800, docs: int = 64) -> Path:
+    """Excerpts (the first ``chars`` characters) of code and prose validation documents, alternating: a small
+    file on which the trainer's periodic evaluation sees both domains evenly (the first blocks of the
+    per-domain files would all be code)."""
+    path = corpus["code_valid"].parent / f"mixed_valid_{chars}x{docs}.jsonl"
     if not path.exists():
-        code, prose = read_jsonl(corpus["code_heldout"]), read_jsonl(corpus["prose_heldout"])
+        code, prose = read_jsonl(corpus["code_valid"]), read_jsonl(corpus["prose_valid"])
         texts = [t[:chars] for pair in zip(code, prose, strict=False) for t in pair][:docs]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -28,8 +28,12 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    def key(self, texts: list[str]) -> str:
+        """Names the cached model: this recipe and the training text (a changed corpus split retrains)."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode()).digest())
+        return digest.hexdigest()[:12]
 
 
 def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
@@ -41,7 +45,7 @@ def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
 
 def pretrain(recipe: Recipe, texts: list[str], name: str) -> Path:
     """Builds (or reuses from the cache) a model pretrained per ``recipe`` on ``texts``."""
-    folder = cache_dir() / "demo-models" / f"{name}-{recipe.key()}"
+    folder = cache_dir() / "demo-models" / f"{name}-{recipe.key(texts)}"
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")

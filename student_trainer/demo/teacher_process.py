@@ -77,11 +77,23 @@ class TeacherProcess:
             sink.close()
 
     def start(self) -> TeacherProcess:
+        """Starts the child and waits until it serves."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> TeacherProcess:
+        """Starts the child without waiting (start several, then ``wait_ready`` each: they load in parallel)."""
         env = clean_env() | {"PYTHONUNBUFFERED": "1"} | self.extra_env
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self._started = time.monotonic()
         threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()
-        deadline = time.monotonic() + self.startup_timeout
+        return self
+
+    def wait_ready(self) -> TeacherProcess:
+        """Waits until the launched child serves; stops it and raises if it exits or ``startup_timeout``
+        (counted from the launch) passes first."""
+        assert self.proc is not None, "launch() first"
+        deadline = self._started + self.startup_timeout
         while not self._ready.wait(0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

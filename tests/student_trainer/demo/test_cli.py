@@ -32,3 +32,17 @@ def test_seeds_and_steps_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--seeds", "0"])
     assert "--seeds and --steps must be at least 1 (got 0, 80)" in capsys.readouterr().err
+
+
+def test_extra_modes_are_named_runs_with_trainer_overrides(capsys):
+    args = parse_args(["--extra-mode", "tau_1", "method.fusion=avg_ce", "method.avg_tau=1", "--extra-mode", "plain"])
+    assert args.extra_mode == [["tau_1", "method.fusion=avg_ce", "method.avg_tau=1"], ["plain"]]
+    for bad, message in ((["min_ce", "method.avg_tau=1"], "--extra-mode name 'min_ce' is taken"),
+                         (["a/b"], "names its run folder"),
+                         (["tau", "method.avg_tau"], "overrides are KEY=VALUE (e.g. method.avg_tau=0.5), got method.avg_tau")):
+        with pytest.raises(SystemExit):
+            parse_args(["--extra-mode", *bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--extra-mode", "x", "--extra-mode", "x"])
+    assert "'x' is taken" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from student_trainer.demo.report import efficiency_sentences, write_report
+from student_trainer.demo.report import efficiency_sentences, validation_line, write_report
 
 
 def _row(code: float, prose: float) -> dict[str, float]:
@@ -30,11 +30,18 @@ def test_three_seeds_give_mean_sd_paired_gains_and_the_efficiency_line(tmp_path)
     assert "| source: code | – | – | 1.200 | 2.100 |" in table
     assert "| min_ce | -3.87 ± 0.13% (3/3) ✓ | -2.06 ± 0.04% (3/3) ✓ |" in table
     assert "| avg_ce | -0.67 ± 2.31% (2/3) | -0.37 ± 1.20% (2/3) |" in table and "mean ± sd over 3 seeds" in table
-    assert "min_ce reaches clm_only's final held-out perplexity after 67% of the training tokens" in table
-    assert "avg_ce reaches clm_only's final held-out perplexity after 100%" in table
+    assert "min_ce reaches clm_only's final validation perplexity after 67% of the training tokens" in table
+    assert "avg_ce reaches clm_only's final validation perplexity after 100%" in table
+    assert "Validation perplexity (" in table and "clm_only 400.0 ± 0.0, min_ce 300.0 ± 0.0, avg_ce 400.0 ± 0.0." in table
     assert (tmp_path / "results.md").read_text() == table
     assert (tmp_path / "sample_efficiency.png").stat().st_size > 10_000
 
 
 def test_no_clm_only_run_no_efficiency_line():
     assert efficiency_sentences({"min_ce": {"0": [(0.0, 1.0)]}}) == ""
+
+
+def test_validation_line_gives_each_modes_final_point_and_one_seed_has_no_sd():
+    line = validation_line({"clm_only": {"0": [(0.0, 900.0), (10.0, 412.34)]}, "tau_1": {"0": [(0.0, 900.0), (10.0, 401.0)]}})
+    assert line.endswith("clm_only 412.3, tau_1 401.0.\n")
+    assert validation_line({}) == ""
