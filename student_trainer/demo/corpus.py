@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import sysconfig
+import tempfile
 import tokenize
 from pathlib import Path
 
@@ -72,10 +74,16 @@ def write_corpus(out_dir: Path, held_out: float = 0.1, validation: float = 0.1, 
             if len(text) > 200:
                 rows[f"{domain}_{split}"].append(text)
     for name, texts in rows.items():
-        tmp = paths[name].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        tmp.rename(paths[name])
+        _write_atomic(paths[name], "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes through a temporary file of this writer's own (two demos may build the same file at once)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[str]:
@@ -90,7 +98,5 @@ def write_mixed_validation(corpus: dict[str, Path], chars: int = 800, docs: int 
     if not path.exists():
         code, prose = read_jsonl(corpus["code_valid"]), read_jsonl(corpus["prose_valid"])
         texts = [t[:chars] for pair in zip(code, prose, strict=False) for t in pair][:docs]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        tmp.rename(path)
+        _write_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from student_trainer.demo.assets import build_tiny_model, cache_dir, load_tokenizer
+from student_trainer.demo.assets import build_tiny_model, cache_dir, load_tokenizer, publish
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,18 @@ def pretrain(recipe: Recipe, texts: list[str], name: str) -> Path:
     folder = cache_dir() / "demo-models" / f"{name}-{recipe.key(texts)}"
     if (folder / "config.json").exists():
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))  # a concurrent demo has its own
+    try:
+        _pretrain_into(tmp, recipe, texts, name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-built is left (Ctrl-C included)
+        raise
+    publish(tmp, folder)  # atomic; a concurrent builder of the same recipe may have won
+    return folder
+
+
+def _pretrain_into(tmp: Path, recipe: Recipe, texts: list[str], name: str) -> None:
     build_tiny_model(recipe.arch, recipe.tokenizer, tmp, hidden=recipe.hidden, layers=recipe.layers,
                      max_len=max(512, recipe.seq_len), seed=recipe.seed)
     from transformers import AutoModelForCausalLM
@@ -72,5 +85,3 @@ def pretrain(recipe: Recipe, texts: list[str], name: str) -> Path:
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from student_trainer.demo.corpus import SPLITS, read_jsonl, write_corpus, write_mixed_validation
 from student_trainer.demo.models import Recipe
 
@@ -29,3 +31,33 @@ def test_a_models_cache_key_covers_its_recipe_and_its_training_text():
     assert recipe.key(["a", "b"]) == Recipe("llama", "llama-spm", ("code",), steps=10).key(["a", "b"])
     assert recipe.key(["a", "b"]) != recipe.key(["a", "c"]) != recipe.key(["ab"])
     assert recipe.key(["a"]) != Recipe("llama", "llama-spm", ("code",), steps=11).key(["a"])
+
+
+def test_pretrain_publishes_once_and_an_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    from student_trainer.demo import models
+
+    monkeypatch.setattr("student_trainer.demo.assets.tokenizer_dir", _cached_tokenizer_dir())  # before the cache moves
+    monkeypatch.setenv("LIVEFUSE_CACHE", str(tmp_path))
+    recipe, texts = Recipe("llama", "llama-spm", ("code",), steps=2, batch=2, seq_len=16), ["def f(x):\n    return x\n" * 40]
+
+    def interrupted(tmp, *args):
+        (tmp / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "_pretrain_into", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            models.pretrain(recipe, texts, "code")
+    assert not list((tmp_path / "demo-models").iterdir())  # no half-built folder, no leftover temporary
+    folder = models.pretrain(recipe, texts, "code")
+    assert (folder / "config.json").exists() and [p.name for p in (tmp_path / "demo-models").iterdir()] == [folder.name]
+    assert models.pretrain(recipe, texts, "code") == folder  # cached
+
+
+def _cached_tokenizer_dir():
+    """The real tokenizers from the user's cache (downloaded once by ./scripts/test.sh), whatever LIVEFUSE_CACHE
+    the test sets for the models."""
+    from student_trainer.demo.assets import tokenizer_dir
+
+    folders = {name: tokenizer_dir(name) for name in ("llama-spm",)}
+    return folders.__getitem__
