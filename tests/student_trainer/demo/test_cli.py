@@ -10,7 +10,7 @@ from teacher_server.config import TeacherConfig
 
 def test_defaults_are_the_measured_configuration():
     args = parse_args([])
-    assert (args.steps, args.seeds, args.top_k, args.lambda_clm, args.avg_tau) == (80, 1, 50, 0.7, 0.2)
+    assert (args.steps, args.seeds, args.top_k, args.lambda_clm, args.avg_tau) == (80, 1, 50, 0.7, 0.1)
     assert args.eval_every == 20  # steps / 4: the points of the sample-efficiency curve
 
 
