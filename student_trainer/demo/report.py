@@ -158,6 +158,9 @@ def plot_losses(out: Path, modes: list[str], seed: int = 0) -> None:
     plt.close(fig)
 
 
+_LINES = ("-", "--", "-.", ":")
+
+
 def plot_sample_efficiency(out: Path, curves: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
     """Validation perplexity (both domains) against training tokens per mode: seed mean, band = min..max."""
     if not curves:
@@ -166,7 +169,8 @@ def plot_sample_efficiency(out: Path, curves: dict[str, dict[str, list[tuple[flo
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (mode, by_seed) in enumerate(curves.items()):
         tokens, mean, low, high = mean_curve({int(s): pts for s, pts in by_seed.items()})
-        ax.plot(tokens / 1000, mean, color=f"C{i}", marker=".", label=f"{mode} ({len(by_seed)} seed(s))")
+        ax.plot(tokens / 1000, mean, color=f"C{i}", marker=".o^sv"[i % 5], markersize=5, linestyle=_LINES[i % 4],
+                label=f"{mode} ({len(by_seed)} seed(s))")  # styles differ: close modes stay visible
         if len(by_seed) > 1:
             ax.fill_between(tokens / 1000, low, high, color=f"C{i}", alpha=0.2)
     if BASELINE in curves:
