@@ -49,9 +49,13 @@ if [[ "$KUBECTL_VERSION" =~ Kustomize\ Version:\ v([5-9]|[1-9][0-9])\. ]]; then
 else
   echo "[test] warning: kubectl with kustomize >= 5 not found: the manifests are not rendered or validated" >&2
 fi
-echo "[test] pytest"
+# Two workers (LIVEFUSE_TEST_WORKERS; 0 = in this process): most slow tests wait on child processes (imports,
+# start-up, gRPC), so a second worker uses the idle core. Tests of one file stay on one worker (its fixtures
+# are built once). Extra arguments come last and win (e.g. -n 0 or -p no:xdist to debug in one process).
+WORKERS="${LIVEFUSE_TEST_WORKERS:-2}"
+echo "[test] pytest ($WORKERS workers)"
 set +e
-python -m pytest "$@"
+python -m pytest -n "$WORKERS" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -14,7 +14,7 @@ import numpy as np
 from student_trainer.demo.corpus import read_jsonl
 from student_trainer.trainer.client import TeacherClient
 from student_trainer.trainer.compare import Mode, eval_curves, heldout_scores, model_scores, run_dir
-from student_trainer.trainer.data import make_blocks
+from student_trainer.trainer.data import first_blocks
 from student_trainer.trainer.evaluation import summarise, teacher_sums
 from student_trainer.trainer.seed_stats import mean_curve, mean_sd, paired_table, share_to_reach
 
@@ -40,7 +40,7 @@ def evaluate_all(out: Path, models: dict[str, Path], teachers: dict[str, str], c
     from transformers import AutoTokenizer
 
     target_tok = AutoTokenizer.from_pretrained(models["target_init"])
-    block_texts = {d: [b.text for b in make_blocks(texts[d], target_tok, seq_len, 16)[:n_blocks]] for d in DOMAINS}
+    block_texts = {d: [b.text for b in first_blocks(texts[d], target_tok, seq_len, 16, n_blocks)] for d in DOMAINS}
     sources = {name: {f"{d}_{k}": v for d in DOMAINS for k, v in teacher_scores(address, block_texts[d]).items()}
                for name, address in teachers.items()}
     return {"scores": scores, "initial": initial, "sources": sources}

@@ -107,12 +107,12 @@ def model_scores(folder: Path, texts: list[str], seq_len: int, n_blocks: int) ->
     blocks of ``texts`` (the one evaluator, :func:`evaluation.nll_sums`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student_trainer.trainer.data import make_blocks
+    from student_trainer.trainer.data import first_blocks
     from student_trainer.trainer.evaluation import nll_sums, summarise
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    blocks = make_blocks(texts, tok, seq_len, 16)[:n_blocks]
+    blocks = first_blocks(texts, tok, seq_len, 16, n_blocks)
     scores = summarise(nll_sums(model, blocks, tok.pad_token_id or 0, micro_batch=8))
     return {"ppl": scores["perplexity"], "nats_per_char": scores["nats_per_char"]}
 

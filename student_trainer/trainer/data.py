@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from typing import Protocol
 
 import numpy as np
@@ -146,6 +146,13 @@ def make_blocks(docs: Sequence[str], tokenizer, seq_len: int, min_tokens: int,
                 max_piece_chars: int = DEFAULT_PIECE_CHARS) -> list[Block]:
     """In memory (held-out texts, the demo's table); the prepared cache (``data_cache``) stores the same blocks."""
     return list(iter_blocks(docs, tokenizer, seq_len, min_tokens, max_piece_chars))
+
+
+def first_blocks(docs: Iterable[str], tokenizer, seq_len: int, min_tokens: int, n: int,
+                 batch_chars: int = 1 << 16) -> list[Block]:
+    """``make_blocks(...)[:n]``, tokenizing only about the documents those blocks need (held-out scoring:
+    tokenizer calls of ``batch_chars`` characters instead of whole files)."""
+    return list(islice(iter_blocks(docs, tokenizer, seq_len, min_tokens, batch_chars=batch_chars), n))
 
 
 class BlockSampler:

@@ -13,7 +13,7 @@ from student_trainer.__main__ import main
 from student_trainer.demo.assets import load_tokenizer
 from student_trainer.trainer import data_sources
 from student_trainer.trainer.config import DataConfig, load_trainer_config
-from student_trainer.trainer.data import make_blocks
+from student_trainer.trainer.data import first_blocks, iter_blocks, make_blocks
 from student_trainer.trainer.data_cache import prepare
 
 from .helpers import trainer_config, write_config
@@ -29,6 +29,21 @@ def tok():
 
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(x.text == y.text and x.ids.tolist() == y.ids.tolist() for x, y in zip(a, b, strict=True))
+
+
+def test_first_blocks_are_the_first_of_all_blocks_and_later_documents_are_not_tokenized(tok):
+    everything = make_blocks(DOCS, tok, 48, 4)
+    for n in (0, 1, 5, len(everything), len(everything) + 3):
+        assert _same(first_blocks(DOCS, tok, 48, 4, n), everything[:n])
+    read = []
+
+    def docs():  # records how far the documents were read
+        for d in DOCS:
+            read.append(d)
+            yield d
+
+    assert len(first_blocks(docs(), tok, 48, 4, 1, batch_chars=1)) == 1 and len(read) < len(DOCS)
+    assert len(list(iter_blocks(DOCS, tok, 48, 4))) == len(everything)
 
 
 def _saved(folder: Path) -> Path:
