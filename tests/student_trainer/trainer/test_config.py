@@ -3,6 +3,7 @@ problem (CLI exit 2 for the config, 3 for a source)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import typing
@@ -13,7 +14,7 @@ import pytest
 from student_trainer.__main__ import main
 from student_trainer.trainer.config import MethodConfig, load_trainer_config
 
-from .helpers import Teacher, free_port, source, trainer_config, write_config
+from .helpers import Teacher, source, trainer_config, write_config
 
 
 def _argv(tmp_path: Path, target: Path, sources: list, *overrides: str) -> list[str]:
@@ -49,10 +50,12 @@ def test_missing_data_file_exits_2(tmp_path, target, capsys):
 
 @pytest.mark.integration
 def test_unreachable_teacher_exits_3_within_the_connect_timeout(tmp_path, target, capsys):
-    port = free_port()  # nobody listens there
-    argv = _argv(tmp_path, target, [{"name": "ghost", "endpoints": [f"127.0.0.1:{port}"]}],
-                 "run.connect_timeout_s=1")
-    assert main(argv) == 3
+    with socket.socket() as held:  # bound, never listening: connections are refused, and while the test runs no
+        held.bind(("127.0.0.1", 0))  # other process (a second test worker, a process group's store) can take it
+        port = held.getsockname()[1]
+        argv = _argv(tmp_path, target, [{"name": "ghost", "endpoints": [f"127.0.0.1:{port}"]}],
+                     "run.connect_timeout_s=1")
+        assert main(argv) == 3
     err = capsys.readouterr().err
     assert f"source 'ghost' at 127.0.0.1:{port} is not reachable (DEADLINE_EXCEEDED" in err
     assert "is the teacher running?" in err
