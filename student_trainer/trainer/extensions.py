@@ -8,7 +8,8 @@ silently and forever. A process killed mid-build leaves the lock, so every later
 A builder is alive while a process works inside the build folder (torch runs ninja and the compiler
 there); a lock younger than ``min_age_s`` is left alone too (the moment between taking the lock and
 starting ninja). ``./scripts/setup.sh`` builds the op once into the virtual environment, and the
-project's commands point ``TORCH_EXTENSIONS_DIR`` there (``default_extensions_dir``).
+project's commands point ``TORCH_EXTENSIONS_DIR`` there (``default_extensions_dir``) and build with the
+environment's ninja (``prefer_venv_ninja``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ MIN_LOCK_AGE_S = 30.0
 def default_extensions_dir() -> Path | None:
     """``<venv>/torch_extensions`` when running inside a virtual environment, else None (torch's default)."""
     return Path(sys.prefix) / "torch_extensions" if sys.prefix != sys.base_prefix else None
+
+
+def prefer_venv_ninja(env: dict[str, str] | os._Environ = os.environ) -> bool:
+    """Puts the virtual environment's ``bin`` first on ``PATH`` when it holds ``ninja``; True if it changed.
+
+    torch builds with whichever ninja ``PATH`` finds. A system ninja 1.11 and the ``ninja`` wheel (1.13) hash
+    their build commands differently, so each one's ``.ninja_log`` says the other's build is stale: runs that
+    alternated between them rebuilt DeepSpeed's op every time (60–100 s on 2 cores, seen in the test suite).
+    ``scripts/setup.sh``, ``test.sh``, ``demo.sh`` and the trainer all build with the environment's ninja.
+    """
+    if sys.prefix == sys.base_prefix:
+        return False
+    bin_dir = str(Path(sys.prefix) / "bin")
+    if not (Path(bin_dir) / "ninja").exists():
+        return False
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    if parts[:1] == [bin_dir]:
+        return False
+    env["PATH"] = os.pathsep.join([bin_dir, *(p for p in parts if p != bin_dir)])
+    return True
 
 
 def extensions_root() -> Path:

@@ -53,3 +53,22 @@ def test_without_proc_it_asks_the_user_to_delete_the_lock(tmp_path, monkeypatch)
     monkeypatch.setattr("student_trainer.trainer.extensions.builder_alive", lambda _folder: None)
     with pytest.raises(RuntimeError, match=f"{lock} exists"):
         clear_stale_locks(tmp_path)
+
+
+def test_the_environments_ninja_comes_first_on_path(tmp_path, monkeypatch):
+    """Two ninjas (the system's 1.11, the wheel's 1.13) hash build commands differently, and each rebuilt the
+    op the other built; inside a virtual environment that holds ninja, PATH finds that one first."""
+    from student_trainer.trainer.extensions import prefer_venv_ninja
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    monkeypatch.setattr("sys.prefix", str(venv))
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path / "base"))
+    env = {"PATH": f"/usr/bin{os.pathsep}{venv / 'bin'}{os.pathsep}/bin"}
+    assert not prefer_venv_ninja(env) and env["PATH"].startswith("/usr/bin")  # no ninja in the environment
+    (venv / "bin" / "ninja").touch()
+    assert prefer_venv_ninja(env)
+    assert env["PATH"].split(os.pathsep) == [str(venv / "bin"), "/usr/bin", "/bin"]
+    assert not prefer_venv_ninja(env)  # already first: unchanged
+    monkeypatch.setattr("sys.base_prefix", str(venv))
+    assert not prefer_venv_ninja({"PATH": "/usr/bin"})  # not a virtual environment
