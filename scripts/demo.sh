@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/${LIVEFUSE_VENV:-.venv}/torch_extensions}"  # built by setup.sh
-export PATH="$PWD/${LIVEFUSE_VENV:-.venv}/bin:$PATH"  # the environment's ninja builds the op (another ninja would rebuild it)
-exec "${LIVEFUSE_VENV:-.venv}/bin/python" -m student_trainer.demo "$@"
+VENV="${LIVEFUSE_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # absolute: LIVEFUSE_VENV may be either
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"  # built by setup.sh
+export PATH="$VENV/bin:$PATH"  # the environment's ninja builds the op (another ninja would rebuild it)
+exec "$VENV/bin/python" -m student_trainer.demo "$@"

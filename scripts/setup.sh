@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LIVEFUSE_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # absolute: LIVEFUSE_VENV may be either
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment in $VENV"
@@ -22,8 +23,8 @@ fi
 # the project's commands point TORCH_EXTENSIONS_DIR there, and a build killed half-way (which would leave a
 # lock that makes every later start wait forever) can only happen in this visible step. A stale lock from
 # such a kill is removed first (student_trainer.trainer.extensions).
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
-export PATH="$PWD/$VENV/bin:$PATH"  # the environment's ninja builds the op (another ninja would rebuild it)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+export PATH="$VENV/bin:$PATH"  # the environment's ninja builds the op (another ninja would rebuild it)
 if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
   echo "[setup] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once, ~30 s)"
   "$VENV/bin/python" - <<'PY'

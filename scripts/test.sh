@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 VENV="${LIVEFUSE_VENV:-.venv}"
-export PATH="$PWD/$VENV/bin:$PATH"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"  # built by setup.sh
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # absolute: LIVEFUSE_VENV may be either
+export PATH="$VENV/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"  # built by setup.sh
 # glibc malloc: big CPU tensors reuse heap pages instead of being mapped and faulted in afresh every step
 # (student_trainer/demo/cpu_malloc.py, bench/cpu_malloc.py); pytest and every process it starts inherit it
 export MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-1073741824}"
