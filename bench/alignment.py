@@ -40,7 +40,7 @@ from student_trainer.core.alignment import (  # noqa: E402
     make_vocab_pair,
 )
 from student_trainer.core.vocab import build_vocab_map  # noqa: E402
-from student_trainer.demo.assets import load_tokenizer  # noqa: E402
+from student_trainer.demo.assets import named_tokenizer  # noqa: E402
 from tests.student_trainer.core.reference_dtw import plain_dtw  # noqa: E402  (the tests' plain DTW)
 
 PAIRS = [("mpt", "llama-spm"), ("gpt-2", "llama-spm"), ("mistral-spm", "gpt-2")]
@@ -101,7 +101,7 @@ def tokens_per_s(aligner, target: Tokens, teacher: TeacherOutput, pair: VocabPai
 
 def bench_pair(source: str, target: str, pair: VocabPair, corpus: dict[str, str], length: int,
                repeats: int, plain: bool) -> None:
-    s_tok, t_tok = load_tokenizer(source), load_tokenizer(target)
+    s_tok, t_tok = named_tokenizer(source), named_tokenizer(target)
     for kind, text in corpus.items():
         tgt_all, src_all = encode(t_tok, text), encode(s_tok, text)
         tgt, teacher = window(tgt_all, src_all, 64, length)
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain O(n·m) DTW (slow past 4k tokens)")
     args = parser.parse_args()
     corpus = texts()
-    vocabs = {name: (lambda t: t.convert_ids_to_tokens(list(range(len(t)))))(load_tokenizer(name))
+    vocabs = {name: (lambda t: t.convert_ids_to_tokens(list(range(len(t)))))(named_tokenizer(name))
               for name in {n for p in PAIRS for n in p}}
     t0 = time.perf_counter()
     build_vocab_map(vocabs["llama-spm"], vocabs["mpt"])

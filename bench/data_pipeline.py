@@ -82,9 +82,9 @@ def corpus(workdir: Path, tokens: int) -> Path:
     path = workdir / f"stdlib-{tokens:.0e}.jsonl".replace("+", "")
     if path.exists():
         return path
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
 
-    texts, tok = _stdlib_texts(), load_tokenizer(TOKENIZER)
+    texts, tok = _stdlib_texts(), named_tokenizer(TOKENIZER)
     sample = [_doc(texts, i) for i in range(300)]
     chars_per_token = sum(map(len, sample)) / sum(len(x) for x in tok(sample, add_special_tokens=False)["input_ids"])
     want, chars, i = tokens * chars_per_token * 1.02, 0, 0
@@ -104,11 +104,11 @@ def corpus(workdir: Path, tokens: int) -> Path:
 def child_new_prepare(path: str, cache: str, procs: int) -> dict:
     import datasets  # noqa: F401 - imported before the baseline, as the old design's child does through its data.py
 
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
     from student_trainer.trainer.config import DataConfig
-    from student_trainer.trainer.data_cache import prepare
+    from student_trainer.trainer.data.prepared import prepare
 
-    tok = load_tokenizer(TOKENIZER)
+    tok = named_tokenizer(TOKENIZER)
     d = DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN, num_proc=procs)
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
@@ -127,12 +127,12 @@ def child_new_open(path: str, cache: str) -> dict:
     holds after 1,000 micro-batches of rank 0 of 2."""
     import datasets  # noqa: F401
 
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
     from student_trainer.trainer.config import DataConfig
-    from student_trainer.trainer.data import BlockSampler
-    from student_trainer.trainer.data_cache import prepare
+    from student_trainer.trainer.data.blocks import BlockSampler
+    from student_trainer.trainer.data.prepared import prepare
 
-    tok = load_tokenizer(TOKENIZER)
+    tok = named_tokenizer(TOKENIZER)
     base = _status()
     t0 = time.perf_counter()
     blocks = prepare(DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN), tok, progress=False
@@ -151,12 +151,13 @@ def child_old_blocks(path: str) -> dict:
     """The old ``_data``: every document read into memory, tokenized at once, one Python Block per block."""
     import datasets  # noqa: F401 - read_documents imports it on first use: not part of the blocks' cost
 
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
     from student_trainer.trainer import data
-    from student_trainer.trainer.data import make_blocks, read_documents, split_documents
+    from student_trainer.trainer.data.blocks import make_blocks, split_documents
+    from student_trainer.trainer.data.documents import read_documents
 
     assert not hasattr(data, "iter_blocks"), f"{data.__file__} is not the code of {OLD_COMMIT}"
-    tok = load_tokenizer(TOKENIZER)
+    tok = named_tokenizer(TOKENIZER)
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
     train, val = split_documents(read_documents([path], "text"), 0.05, 0)

@@ -318,11 +318,11 @@ def memory_child(spec: str, args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace, run, model_dir: Path, tmp: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from student_trainer.trainer.prefetch import prepare
+    from student_trainer.trainer.prefetch import fuse_batch
 
     # A full-length micro-batch with real fused targets, fetched live once.
     with ThreadPoolExecutor(4) as pool:
-        prepared = prepare(run.sampler.batch(0), run.sources, run.config.method, pool)
+        prepared = fuse_batch(run.sampler.batch(0), run.sources, run.config.method, pool)
     batch_file = tmp / "batch.pkl"
     batch_file.write_bytes(pickle.dumps(prepared))
     out = {}

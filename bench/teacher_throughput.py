@@ -60,9 +60,9 @@ def build_shape(shape: str, out_dir: Path, device: str, dtype: str) -> Path:
     """Saves a random-weight Llama of ``shape`` with the llama-spm tokenizer into ``out_dir``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
 
-    tok = load_tokenizer("llama-spm")
+    tok = named_tokenizer("llama-spm")
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
     torch.manual_seed(0)

@@ -8,8 +8,9 @@
 ``key=value`` overrides any setting by its dotted path (values are YAML: numbers, lists, true/false).
 ``prepare`` builds the on-disk corpus cache a run reads (the first run would build it too, while the other
 ranks wait); it needs only the target tokenizer, not DeepSpeed, the model or the teachers.
-Exit codes: 0 done, 2 bad config, 3 a source failed, 130 stopped by Ctrl-C or SIGTERM (in the last two a
-checkpoint was saved: rerun the same command to resume).
+Exit codes: 0 done, 2 bad config (a setting that cannot work, in one line), 3 a source failed, 130 stopped by
+Ctrl-C or SIGTERM (in the last two a checkpoint was saved: rerun the same command to resume); anything else is
+a bug: a traceback and exit 1.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 import sys
 
 from protos.logs import setup_logging
-from student_trainer.trainer.config import load_trainer_config
+from student_trainer.trainer.config import ConfigError, load_trainer_config
 from student_trainer.trainer.extensions import default_extensions_dir, prefer_venv_ninja
+from student_trainer.trainer.inputs import check_inputs
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -32,20 +34,29 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _console() -> None:
+    """The ``livefuse`` logger on stderr for a person; each rank's lines say which rank when there are several."""
+    rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging("console", "INFO", prefix="livefuse" if world <= 1 else f"livefuse rank {rank}")
+
+
 def prepare_main(argv: list[str]) -> int:
-    """``livefuse-train prepare``: builds (or checks) the corpus cache of a config; exit 0 when it is ready."""
+    """``livefuse-train prepare``: builds (or checks) the corpus cache of a config; exit 0 when it is ready.
+    Prints the corpus facts as one JSON line on stdout."""
     args = _parser("livefuse-train prepare").parse_args(argv)
-    setup_logging("text", "WARNING")
+    _console()
     try:
         config = load_trainer_config(args.config, args.overrides)
+        check_inputs(config, sources=False)  # the teachers play no part in preparing the corpus
         if config.data.streaming:
             print("livefuse-train prepare: data.streaming is true: documents are tokenized on the fly, "
                   "nothing to prepare", file=sys.stderr)
             return 0
-        from student_trainer.trainer.data_cache import load_tokenizer, prepare
+        from student_trainer.trainer.data.blocks import load_target_tokenizer
+        from student_trainer.trainer.data.prepared import prepare_corpus
 
-        prepared = prepare(config.data, load_tokenizer(config.target.tokenizer or config.target.model))
-    except (ValueError, OSError) as err:
+        prepared = prepare_corpus(config.data, load_target_tokenizer(config.target.tokenizer or config.target.model))
+    except (ConfigError, OSError) as err:
         print(f"livefuse-train prepare: {err}", file=sys.stderr)
         return 2
     print(f"ready: {prepared.folder}", file=sys.stderr)
@@ -61,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; not needed otherwise")
     args = parser.parse_args(argv)
-    setup_logging("text", "WARNING")
+    _console()
     try:
         config = load_trainer_config(args.config, args.overrides)
-    except (ValueError, OSError) as err:
+        check_inputs(config)
+    except (ConfigError, OSError) as err:
         print(f"livefuse-train: {err}", file=sys.stderr)
         return 2
     if (prebuilt := default_extensions_dir()) is not None:  # DeepSpeed's ops, built by scripts/setup.sh
@@ -82,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as err:
         print(f"livefuse-train: stopped ({err or 'Ctrl-C'}); rerun the same command to resume", file=sys.stderr)
         return 130
-    except ValueError as err:
+    except ConfigError as err:  # found at start-up (data, a teacher's limits, trackers); a bug propagates: exit 1
         print(f"livefuse-train: {err}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

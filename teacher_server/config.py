@@ -61,7 +61,7 @@ class TeacherConfig(BaseModel):
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
     max_connection_age_s: float | None = Field(300.0, gt=0, description="close each client connection after about this long (gRPC GOAWAY, with jitter) so clients re-resolve a DNS name and spread over replicas added since; null: never")
     max_connection_age_grace_s: float = Field(60.0, ge=0, description="time the requests in flight on a connection closed by max_connection_age_s get to finish")
-    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_format: Literal["json", "text", "console"] = Field("json", description="log line format: json (for launchers and log collectors) | text | console")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @model_validator(mode="before")

@@ -29,7 +29,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 # (`./scripts/test.sh` runs `--dist loadfile`) one starts them at once while the other works through the rest,
 # instead of one of them starting last and the suite waiting on it alone.
 LONGEST_FIRST = ("student_trainer/demo/test_demo.py", "student_trainer/trainer/test_processes.py",
-                 "student_trainer/trainer/test_compare.py", "student_trainer/trainer/test_multinode.py")
+                 "student_trainer/experiments/test_compare.py", "student_trainer/trainer/test_multinode.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

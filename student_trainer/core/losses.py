@@ -6,10 +6,12 @@ log-softmax at the K kept ids. Forward and backward both run over chunks of T in
 backward recomputes the softmax per chunk instead of keeping it, so extra memory is one
 ``(B, chunk, V)`` fp32 block; the only (B, T, V) tensor made is the logits' gradient itself.
 
-Numerics: fp32; teacher probabilities are softmax(logprobs/τ) renormalised over the kept entries; a
-position counts if ``mask`` is set and its row has an entry; the sum is divided by the number of
-counted positions (or by ``num_tokens``, the global count under gradient accumulation); an
-all-masked batch gives 0, not NaN.
+Numerics: fp32; teacher probabilities are softmax(logprobs/τ) renormalised over the kept entries. Every
+loss here averages over the same positions (:func:`counted_positions`): set in ``mask`` and not the last
+of the sequence (position t predicts token t+1). The sum is divided by the number of counted positions (or
+by ``num_tokens``, the global count under gradient accumulation); a counted position whose teacher row is
+empty adds 0 to a fusion loss (the trainer never sends one: unaligned positions get the one-hot fallback);
+an all-masked batch gives 0, not NaN.
 """
 
 from __future__ import annotations
@@ -80,11 +82,35 @@ class _SparseCrossEntropy(torch.autograd.Function):
         return out, None, None, None, None, None, None
 
 
-def _weights(mask: torch.Tensor, probs: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
+def counted_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions every loss averages over, ``(B, T) bool``: set in ``mask`` and not the last one (it has
+    no next token to predict). The one definition: CLM, soft CE and KL parts count the same positions."""
+    counted = mask.bool().clone()
+    counted[:, -1] = False
+    return counted
+
+
+def _weights(mask: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
     """Per-position weight ``(B, T)``: counted positions over the normaliser, 0 elsewhere."""
-    counted = mask.bool() & (probs.sum(-1) > 0)
+    counted = counted_positions(mask)
     denom = float(counted.sum()) if num_tokens is None else float(num_tokens)
     return counted.float() / max(denom, 1.0)
+
+
+def _next_tokens(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gold next token of every position as a one-entry sparse target: ``ids (B, T, 1)`` and probabilities
+    ``(B, T, 1)`` (1 where there is a next token; the last position has none)."""
+    ids = torch.zeros(input_ids.shape + (1,), dtype=torch.long, device=input_ids.device)
+    ids[:, :-1, 0] = input_ids[:, 1:]
+    probs = torch.zeros(ids.shape, dtype=torch.float32, device=input_ids.device)
+    probs[:, :-1] = 1.0
+    return ids, probs
+
+
+def _entropy(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_positions w · H(P): what separates the forward KL from the soft CE (it has no gradient)."""
+    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
+    return -(plogp.sum(-1) * weight).sum()
 
 
 def sparse_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
@@ -96,8 +122,7 @@ def sparse_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor, target_
     ``mask (B, T)`` bool (False = ignore, e.g. padding).
     """
     probs = teacher_probs(target_logprobs, temperature)
-    weight = _weights(mask, probs, num_tokens)
-    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0]
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, _weights(mask, num_tokens), chunk_size)[0]
 
 
 def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
@@ -105,10 +130,8 @@ def sparse_kl(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: t
               num_tokens: float | None = None) -> torch.Tensor:
     """Forward KL(P ‖ q) = soft CE − H(P); same gradient as the soft CE, 0 when q matches P on its ids."""
     probs = teacher_probs(target_logprobs, temperature)
-    weight = _weights(mask, probs, num_tokens)
-    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
-    entropy = -(plogp.sum(-1) * weight).sum()
-    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0] - entropy
+    weight = _weights(mask, num_tokens)
+    return _SparseCrossEntropy.apply(logits, target_ids.long(), probs, weight, chunk_size)[0] - _entropy(probs, weight)
 
 
 def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, *,
@@ -117,12 +140,8 @@ def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, 
 
     ``logits (B, T, V)``, ``input_ids (B, T)``, ``mask (B, T)`` on the predicting positions.
     """
-    ids = torch.zeros_like(input_ids, dtype=torch.long)
-    ids[:, :-1] = input_ids[:, 1:]
-    lp = torch.full(ids.shape, float("-inf"), device=logits.device)
-    lp[:, :-1] = 0.0
-    return sparse_cross_entropy(logits, ids.unsqueeze(-1), lp.unsqueeze(-1), mask,
-                                chunk_size=chunk_size, num_tokens=num_tokens)
+    ids, probs = _next_tokens(input_ids)
+    return _SparseCrossEntropy.apply(logits, ids, probs, _weights(mask, num_tokens), chunk_size)[0]
 
 
 def clm_and_fusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_ids: torch.Tensor,
@@ -140,20 +159,15 @@ def clm_and_fusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_id
         raise ValueError(f"unknown fusion loss {kind!r}; valid: {sorted(FUSION_LOSSES)}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
-    gold = torch.zeros_like(input_ids, dtype=torch.long)
-    gold[:, :-1] = input_ids[:, 1:]
+    gold_ids, gold_p = _next_tokens(input_ids)
     teacher = teacher_probs(target_logprobs, temperature)
-    gold_p = torch.zeros(gold.shape + (1,), dtype=teacher.dtype, device=teacher.device)
-    gold_p[:, :-1] = 1.0
-    counted = mask.bool()
-    weight = counted.float() / max(float(counted.sum()) if num_tokens is None else float(num_tokens), 1.0)
-    ids = torch.cat([gold.unsqueeze(-1), target_ids.long()], dim=-1)
-    probs = torch.cat([gold_p, teacher], dim=-1)
+    weight = _weights(mask, num_tokens)
+    ids = torch.cat([gold_ids, target_ids.long()], dim=-1)
+    probs = torch.cat([gold_p.to(teacher.dtype), teacher], dim=-1)
     total, parts = _SparseCrossEntropy.apply(logits, ids, probs, weight, chunk_size, 1, lam)
     fusion = parts[1]
     if kind == "kl":  # KL = CE − H(P); H(P) has no gradient
-        plogp = torch.where(teacher > 0, teacher * torch.log(teacher.clamp_min(1e-30)), torch.zeros_like(teacher))
-        entropy = -(plogp.sum(-1) * weight).sum()
+        entropy = _entropy(teacher, weight)
         total, fusion = total - (1.0 - lam) * entropy, fusion - entropy
     return total, parts[0], fusion
 

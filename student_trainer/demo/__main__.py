@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import re
 import sys
 import time
@@ -31,13 +31,17 @@ from pathlib import Path
 
 import yaml
 
+from protos.logs import setup_logging
 from student_trainer.demo import cpu_malloc
-from student_trainer.demo.assets import SMOLLM2_GGUF, cache_dir, smollm2_dir, tokenizer_dir
+from student_trainer.demo.assets import SMOLLM2_GGUF, smollm2_dir, tokenizer_dir
 from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_validation
 from student_trainer.demo.models import Recipe, pretrain
 from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report
 from student_trainer.demo.teacher_process import TeacherProcess, clean_env
-from student_trainer.trainer.compare import Mode, run_grid
+from student_trainer.experiments.compare import Mode, run_grid
+from student_trainer.paths import cache_root
+
+log = logging.getLogger("livefuse.demo")
 
 # name -> (recipe for the source model, domains it is pretrained on)
 SOURCES = {
@@ -164,38 +168,39 @@ def start_teachers(stack: ExitStack, models: dict[str, Path], args: argparse.Nam
     for name, proc in procs.items():
         proc.wait_ready()
         teachers[name] = proc.address
-        print(f"[demo]   {name}: {Path(serve[name][0]).name} on {proc.address}", flush=True)
+        log.info(f"  {name}: {Path(serve[name][0]).name} on {proc.address}")
     return teachers
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging("console", "INFO", prefix="demo")
     t0 = time.perf_counter()
     cpu_malloc.apply_here()  # pretraining and evaluation run in this process (the children get it by clean_env)
     args.out.mkdir(parents=True, exist_ok=True)
-    print("[demo] 1/4 assets (cached after the first run)", flush=True)
+    log.info("1/4 assets (cached after the first run)")
     for name in ("llama-spm", "gpt-2", "mistral-spm"):
         tokenizer_dir(name)
-    corpus = write_corpus(cache_dir() / "demo-corpus")
+    corpus = write_corpus(cache_root() / "demo-corpus")
     curve_file = write_mixed_validation(corpus)
     models = build_assets(corpus, args.pretrain_scale, args.source_scale)
     modes = [Mode(m, tuple(MODES[m])) for m in args.modes] + [Mode(n, tuple(o)) for n, *o in args.extra_mode]
     seeds = list(range(args.seeds))
     with ExitStack() as stack:
-        print("[demo] 2/4 starting teacher servers", flush=True)
+        log.info("2/4 starting teacher servers")
         teachers = start_teachers(stack, models, args)
         config = train_config(args.out / "runs" / "template", corpus, curve_file, models["target_init"], teachers, args)
-        print(f"[demo] 3/4 training {', '.join(m.name for m in modes)} × seeds {seeds} ({args.steps} steps each)", flush=True)
+        log.info(f"3/4 training {', '.join(m.name for m in modes)} × seeds {seeds} ({args.steps} steps each)")
         run_grid(config, args.out / "runs", modes, seeds, env=clean_env())
-        print("[demo] 4/4 held-out evaluation per domain", flush=True)
+        log.info("4/4 held-out evaluation per domain")
         result = evaluate_all(args.out, models, teachers, corpus, modes, seeds, args.seq_len, args.eval_blocks)
-    result["curves"] = sample_efficiency(args.out, modes, seeds, models["target_init"], curve_file, args.seq_len)
+    result.curves = sample_efficiency(args.out, modes, seeds, models["target_init"], curve_file, args.seq_len)
     table = write_report(args.out, result, args)
     plot_losses(args.out, [m.name for m in modes])
     print("\n" + table)
-    print(f"[demo] done in {time.perf_counter() - t0:.0f} s: {args.out}/results.md, {args.out}/loss_curves.png, "
+    log.info(f"done in {time.perf_counter() - t0:.0f} s: {args.out}/results.md, {args.out}/loss_curves.png, "
           f"{args.out}/sample_efficiency.png")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    result.write(args.out / "results.json")
     return 0
 
 

@@ -12,6 +12,7 @@ Hugging Face tokenizer folder, so code loads it exactly like a user's tokenizer.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from student_trainer.trainer.vocab_cache import default_cache_dir as cache_dir  # the demo caches there too
+from protos.logs import setup_logging
+from student_trainer.paths import cache_root
+
+log = logging.getLogger("livefuse.demo.assets")
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 MISTRAL_WHEEL = "mistral-common==1.13.1"
@@ -33,7 +37,7 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     args = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), requirement]
     if sdist:
         args[5:5] = ["--no-binary", ":all:"]
-    print(f"[assets] downloading {requirement} from the package index", file=sys.stderr, flush=True)
+    log.info(f"downloading {requirement} from the package index")
     subprocess.run(args, check=True)
     (archive,) = [p for p in dest.iterdir() if p.suffix in (".gz", ".whl")]
     return archive
@@ -42,7 +46,7 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
 def new_tmp(parent: Path | None = None) -> Path:
     """A fresh folder of this builder's own in ``parent`` (default: the cache; same file system as the final
     folder, so ``publish`` renames it)."""
-    parent = cache_dir() if parent is None else parent
+    parent = cache_root() if parent is None else parent
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
 
@@ -60,7 +64,7 @@ def publish(tmp: Path, final: Path) -> None:
 
 def gguf_vocab_dir() -> Path:
     """Folder holding llama.cpp's ``ggml-vocab-*.gguf`` files with their reference tokenisations."""
-    final = cache_dir() / "llama-cpp-vocab"
+    final = cache_root() / "llama-cpp-vocab"
     if final.exists():
         return final
     with tempfile.TemporaryDirectory() as download:
@@ -78,7 +82,7 @@ def gguf_vocab_dir() -> Path:
 
 def mistral_sentencepiece() -> Path:
     """Mistral 7B v0.1's SentencePiece model (Llama-2 style, 32k tokens) from the mistral-common wheel."""
-    final = cache_dir() / "mistral-sentencepiece" / "tokenizer.model"
+    final = cache_root() / "mistral-sentencepiece" / "tokenizer.model"
     if final.exists():
         return final
     with tempfile.TemporaryDirectory() as download:
@@ -95,7 +99,7 @@ def smollm2_dir() -> Path:
 
     Load it with ``from_pretrained(folder, gguf_file=SMOLLM2_GGUF)``.
     """
-    final = cache_dir() / "smollm2"
+    final = cache_root() / "smollm2"
     if (final / SMOLLM2_GGUF).exists():
         return final
     with tempfile.TemporaryDirectory() as download:
@@ -172,9 +176,9 @@ def tokenizer_dir(name: str) -> Path:
     """Folder with the saved Hugging Face tokenizer ``name`` (built on first use)."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZERS)}")
-    final = cache_dir() / "tokenizers" / name
+    final = cache_root() / "tokenizers" / name
     if not (final / "tokenizer_config.json").exists():
-        print(f"[assets] building tokenizer {name}", file=sys.stderr, flush=True)
+        log.info(f"building tokenizer {name}")
         tokenizer = TOKENIZERS[name]()
         tmp = new_tmp()
         tokenizer.save_pretrained(tmp)
@@ -182,7 +186,8 @@ def tokenizer_dir(name: str) -> Path:
     return final
 
 
-def load_tokenizer(name: str):
+def named_tokenizer(name: str):
+    """A tokenizer of the registry above by name (``llama-spm``, ``gpt-2``, ``mistral-spm``, ...), built on first use."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir(name))
@@ -220,7 +225,7 @@ def build_tiny_model(arch: str, tokenizer: str, out_dir: Path, *, hidden: int = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(tokenizer)
+    tok = named_tokenizer(tokenizer)
     vocab = -(-len(tok) // pad_vocab_to) * pad_vocab_to
     torch.manual_seed(seed)
     config = _tiny_config(arch, vocab, hidden, layers, heads, max_len)
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p_model.add_argument("out_dir", type=Path, help="folder to save the model and tokenizer in")
     p_model.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     args = parser.parse_args(argv)
+    setup_logging("console", "INFO", prefix="assets")
     if args.cmd == "tokenizers":
         for name in args.names:
             print(f"{name}: {tokenizer_dir(name)}")

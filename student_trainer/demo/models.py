@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from student_trainer.demo.assets import build_tiny_model, cache_dir, load_tokenizer, new_tmp, publish
+from student_trainer.demo.assets import build_tiny_model, named_tokenizer, new_tmp, publish
+from student_trainer.paths import cache_root
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
 
 def pretrain(recipe: Recipe, texts: list[str], name: str) -> Path:
     """Builds (or reuses from the cache) a model pretrained per ``recipe`` on ``texts``."""
-    folder = cache_dir() / "demo-models" / f"{name}-{recipe.key(texts)}"
+    folder = cache_root() / "demo-models" / f"{name}-{recipe.key(texts)}"
     if (folder / "config.json").exists():
         return folder
     tmp = new_tmp(folder.parent)  # a concurrent demo has its own
@@ -65,7 +66,7 @@ def _pretrain_into(tmp: Path, recipe: Recipe, texts: list[str], name: str) -> No
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp)
-    stream = token_stream(load_tokenizer(recipe.tokenizer), texts)
+    stream = token_stream(named_tokenizer(recipe.tokenizer), texts)
     rng = np.random.default_rng(recipe.seed)
     torch.manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)

@@ -1,5 +1,6 @@
 """The demo's evaluation and report: held-out perplexity per domain (mean ± sd over seeds), the paired gain
-of fusion over CLM-only, the sample-efficiency curve, a Markdown table and two plots."""
+of fusion over CLM-only, the sample-efficiency curve, a Markdown table and two plots; ``results.json`` is a
+:class:`DemoResults` record."""
 
 from __future__ import annotations
 
@@ -7,19 +8,53 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from student_trainer.demo.corpus import read_jsonl
+from student_trainer.experiments.compare import (
+    Mode,
+    eval_curves,
+    heldout_scores,
+    model_scores,
+    read_record,
+    run_dir,
+)
+from student_trainer.experiments.seed_stats import (
+    Curves,
+    Scores,
+    mean_curve,
+    mean_sd,
+    paired_table,
+    share_to_reach,
+)
 from student_trainer.trainer.client import TeacherClient
-from student_trainer.trainer.compare import Mode, eval_curves, heldout_scores, model_scores, run_dir
-from student_trainer.trainer.data import first_blocks
+from student_trainer.trainer.config import TrainerConfig
+from student_trainer.trainer.data.blocks import first_blocks
 from student_trainer.trainer.evaluation import summarise, teacher_sums
-from student_trainer.trainer.seed_stats import mean_curve, mean_sd, paired_table, share_to_reach
 
 DOMAINS = ("code", "prose")
 BASELINE = "clm_only"
+
+
+class DemoResults(BaseModel):
+    """``results.json``: every score of the report (seeds as ints here, as strings in the file), versioned."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    version: Literal[1] = 1
+    scores: Scores                          # mode -> seed -> "<domain>_ppl" / "<domain>_nats_per_char"
+    initial: dict[str, float]               # the target's initial model, same keys
+    sources: dict[str, dict[str, float]]    # source -> same keys (ppl is NaN: another tokenizer)
+    curves: Curves = {}                     # mode -> seed -> (training tokens, validation perplexity)
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> DemoResults:
+        return read_record(cls, path)
 
 
 def teacher_scores(address: str, block_texts: list[str]) -> dict[str, float]:
@@ -31,7 +66,7 @@ def teacher_scores(address: str, block_texts: list[str]) -> dict[str, float]:
 
 
 def evaluate_all(out: Path, models: dict[str, Path], teachers: dict[str, str], corpus: dict[str, Path],
-                 modes: Sequence[Mode], seeds: Sequence[int], seq_len: int, n_blocks: int) -> dict[str, Any]:
+                 modes: Sequence[Mode], seeds: Sequence[int], seq_len: int, n_blocks: int) -> DemoResults:
     """Every run, the target's initial model and every source on the held-out text of both domains."""
     texts = {d: read_jsonl(corpus[f"{d}_heldout"]) for d in DOMAINS}
     scores = heldout_scores(out / "runs", modes, seeds, texts, seq_len, n_blocks)
@@ -43,17 +78,17 @@ def evaluate_all(out: Path, models: dict[str, Path], teachers: dict[str, str], c
     block_texts = {d: [b.text for b in first_blocks(texts[d], target_tok, seq_len, 16, n_blocks)] for d in DOMAINS}
     sources = {name: {f"{d}_{k}": v for d in DOMAINS for k, v in teacher_scores(address, block_texts[d]).items()}
                for name, address in teachers.items()}
-    return {"scores": scores, "initial": initial, "sources": sources}
+    return DemoResults(scores=scores, initial=initial, sources=sources)
 
 
 def sample_efficiency(out: Path, modes: Sequence[Mode], seeds: Sequence[int], initial_model: Path, curve_file: Path,
-                      seq_len: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
+                      seq_len: int) -> Curves:
     """The trainer's periodic validation perplexity per mode and seed against training tokens, each curve
     starting from the initial model's perplexity on the same blocks (same evaluator)."""
-    config = json.loads((run_dir(out / "runs", modes[0].name, seeds[0]) / "config.json").read_text())
-    start = model_scores(initial_model, read_jsonl(curve_file), seq_len, config["run"]["eval_blocks"])["ppl"]
+    config = TrainerConfig.model_validate_json((run_dir(out / "runs", modes[0].name, seeds[0]) / "config.json").read_text())
+    start = model_scores(initial_model, read_jsonl(curve_file), seq_len, config.run.eval_blocks)["ppl"]
     curves = eval_curves(out / "runs", modes, seeds)
-    return {m: {str(s): [(0.0, start), *pts] for s, pts in by_seed.items()} for m, by_seed in curves.items()}
+    return {m: {s: [(0.0, start), *pts] for s, pts in by_seed.items()} for m, by_seed in curves.items()}
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -68,22 +103,21 @@ def _row(label: str, cells: dict[str, Sequence[float]]) -> str:
     return f"| {label} | " + " | ".join(_fmt(cells[k]) for k in keys) + " |\n"
 
 
-def efficiency_sentences(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
+def efficiency_sentences(curves: Curves) -> str:
     """"<mode> reaches clm_only's final perplexity after X% of the tokens", from the seed-mean curves."""
     if BASELINE not in curves:
         return ""
-    base = {int(s): pts for s, pts in curves[BASELINE].items()}
     lines = []
     for mode, by_seed in curves.items():
         if mode != BASELINE:
-            share = share_to_reach({int(s): pts for s, pts in by_seed.items()}, base)
+            share = share_to_reach(by_seed, curves[BASELINE])
             lines.append(f"{mode} never reaches {BASELINE}'s final validation perplexity" if math.isnan(share) else
                          f"{mode} reaches {BASELINE}'s final validation perplexity after {100 * share:.0f}% of the "
                          "training tokens")
     return "Sample efficiency (seed-mean validation curves, both domains): " + "; ".join(lines) + ".\n"
 
 
-def validation_line(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
+def validation_line(curves: Curves) -> str:
     """Each mode's final perplexity on the validation file (the trainer's last evaluation): where settings
     are compared and chosen, never on the held-out text of the table."""
     cells = []
@@ -95,15 +129,15 @@ def validation_line(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> 
             "this, not on the table's held-out text): " + ", ".join(cells) + ".\n") if cells else ""
 
 
-def write_report(out: Path, result: dict[str, Any], args) -> str:
+def write_report(out: Path, result: DemoResults, args) -> str:
     """results.md: the per-domain table (mean ± sd over seeds), the paired gains, the sample-efficiency line."""
-    scores, n = result["scores"], args.seeds
+    scores, n = result.scores, args.seeds
     head = ("| model | code ppl | prose ppl | code nats/char | prose nats/char |\n"
             "| --- | ---: | ---: | ---: | ---: |\n")
-    body = _row("target (initial)", {k: [v] for k, v in result["initial"].items()})
+    body = _row("target (initial)", {k: [v] for k, v in result.initial.items()})
     for mode, runs in scores.items():
         body += _row(f"target + {mode}", {k: [r[k] for r in runs.values()] for k in next(iter(runs.values()))})
-    for name, row in result["sources"].items():
+    for name, row in result.sources.items():
         label = f"source: {name}" + (" (= target initial)" if name == "target_init" else "")
         body += _row(label, {k: [v] for k, v in row.items()})
     note = (f"\nHeld-out: {args.eval_blocks} blocks of {args.seq_len} target tokens per domain. ppl = perplexity per "
@@ -113,9 +147,9 @@ def write_report(out: Path, result: dict[str, Any], args) -> str:
     table = head + body + note
     if BASELINE in scores and len(scores) > 1:
         table += "\n" + paired_table(scores, ["code_ppl", "prose_ppl"], BASELINE)
-    table += "\n" + efficiency_sentences(result.get("curves", {})) + validation_line(result.get("curves", {}))
+    table += "\n" + efficiency_sentences(result.curves) + validation_line(result.curves)
     (out / "results.md").write_text(table)
-    plot_sample_efficiency(out, result.get("curves", {}))
+    plot_sample_efficiency(out, result.curves)
     return table
 
 
@@ -161,20 +195,20 @@ def plot_losses(out: Path, modes: list[str], seed: int = 0) -> None:
 _LINES = ("-", "--", "-.", ":")
 
 
-def plot_sample_efficiency(out: Path, curves: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
+def plot_sample_efficiency(out: Path, curves: Curves) -> None:
     """Validation perplexity (both domains) against training tokens per mode: seed mean, band = min..max."""
     if not curves:
         return
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (mode, by_seed) in enumerate(curves.items()):
-        tokens, mean, low, high = mean_curve({int(s): pts for s, pts in by_seed.items()})
+        tokens, mean, low, high = mean_curve(by_seed)
         ax.plot(tokens / 1000, mean, color=f"C{i}", marker=".o^sv"[i % 5], markersize=5, linestyle=_LINES[i % 4],
                 label=f"{mode} ({len(by_seed)} seed(s))")  # styles differ: close modes stay visible
         if len(by_seed) > 1:
             ax.fill_between(tokens / 1000, low, high, color=f"C{i}", alpha=0.2)
     if BASELINE in curves:
-        final = mean_curve({int(s): p for s, p in curves[BASELINE].items()})[1][-1]
+        final = mean_curve(curves[BASELINE])[1][-1]
         ax.axhline(final, color="grey", linestyle=":", label=f"{BASELINE} final")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (thousands)")

@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from student_trainer.demo.cpu_malloc import child_env
-from student_trainer.trainer.stopping import stop_process
+from student_trainer.experiments.processes import stop_process
 
 _DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 

@@ -26,6 +26,7 @@ import grpc
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.scores import TeacherScores, decode_scores
+from student_trainer.trainer.config import ConfigError
 
 TEACHER_SERVICE = "livefuse.v1.Teacher"
 
@@ -56,7 +57,7 @@ def _ipv4_addresses(endpoint: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
     except (socket.gaierror, ValueError) as err:
-        raise ValueError(f"endpoint {endpoint!r}: cannot resolve {host!r}: {err}") from None
+        raise ConfigError(f"endpoint {endpoint!r}: cannot resolve {host!r}: {err}") from None
     return sorted({f"{info[4][0]}:{port}" for info in infos})
 
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +24,10 @@ FailurePolicy = Literal["wait", "skip", "fail"]
 TrackerName = Literal["tensorboard", "wandb", "trackio"]  # the keys of run_log.TRACKERS (a test keeps them equal)
 
 
-def _existing_file(path: str | None, field: str) -> str | None:
-    if path is not None and not Path(path).is_file():
-        raise ValueError(f"{field}: file {path!r} does not exist")
-    return path
+class ConfigError(ValueError):
+    """A setting that cannot work, found when the config is read or when the run starts (a missing file, a
+    teacher's limit, too little data): ``livefuse-train`` reports it in one line and exits 2. Any other
+    exception is a bug: a traceback and exit 1."""
 
 
 class _Strict(BaseModel):
@@ -51,8 +50,6 @@ class SourceTLS(_Strict):
     def _pair(self) -> SourceTLS:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("tls.client_cert and tls.client_key go together")
-        for name in ("ca_cert", "client_cert", "client_key"):
-            _existing_file(getattr(self, name), f"tls.{name}")
         return self
 
 
@@ -66,11 +63,6 @@ class SourceConfig(_Strict):
     texts_per_request: int = Field(16, ge=1, description="texts sent per Score request")
     tls: SourceTLS | None = Field(None, description="TLS settings (absent: plaintext)")
     auth_token_file: str | None = Field(None, description="file holding the teacher's bearer token")
-
-    @field_validator("auth_token_file")
-    @classmethod
-    def _token_file(cls, v: str | None) -> str | None:
-        return _existing_file(v, "auth_token_file")
 
     @field_validator("endpoints")
     @classmethod
@@ -93,7 +85,7 @@ class MethodConfig(_Strict):
     fusion_loss: FusionLossName = Field("ce", description="fusion loss: ce (soft cross-entropy) | kl")
 
 
-# file extension -> the ``datasets`` builder that reads it (student_trainer.trainer.data)
+# file extension -> the ``datasets`` builder that reads it (student_trainer.trainer.data.documents)
 DATA_FILE_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet"}
 
@@ -139,18 +131,6 @@ class DataConfig(_Strict):
         if self.dataset is not None and self.validation_files:
             raise ValueError("data.validation_files go with train_files; with data.dataset use validation_split")
         return self
-
-    def check_inputs(self) -> None:
-        """Every data file exists and is readable here, or the dataset is there (not part of validation: a
-        config may be checked for another machine, e.g. a container's)."""
-        for field in ("train_files", "validation_files"):
-            for path in getattr(self, field):
-                if not Path(path).is_file() or not os.access(path, os.R_OK):
-                    raise ValueError(f"data.{field}: data file {path!r} does not exist or is not readable")
-        if self.dataset is not None:
-            from student_trainer.trainer.data_sources import check_dataset
-
-            check_dataset(self)
 
 
 class TrainConfig(_Strict):
@@ -234,28 +214,26 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
 
 
-def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None,
-                        check_inputs: bool = True) -> TrainerConfig:
-    """YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then validation; with
-    ``check_inputs`` also that the data exists here (off: checking a config meant for another machine)."""
+def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainerConfig:
+    """YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then validation. Reads nothing
+    else: whether the data is there is :func:`student_trainer.trainer.inputs.check_inputs`' question
+    (a config may be checked for another machine, e.g. a container's)."""
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. method.fusion=avg_ce)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. method.fusion=avg_ce)")
         try:
             _set_dotted(data, key, yaml.safe_load(raw))
         except (IndexError, ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"override {item!r}: cannot set {key}: {err}") from None
+            raise ConfigError(f"override {item!r}: cannot set {key}: {err}") from None
     try:
         config = TrainerConfig(**data)
     except ValidationError as err:
-        raise ValueError(format_errors(err, "invalid trainer config")) from None
-    if check_inputs:
-        config.data.check_inputs()
+        raise ConfigError(format_errors(err, "invalid trainer config")) from None
     return config

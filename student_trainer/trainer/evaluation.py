@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from student_trainer.core.fusion import predicted_chars
-from student_trainer.trainer.data import Block, collate, loss_mask
+from student_trainer.trainer.data.blocks import Block, collate, loss_mask
 from student_trainer.trainer.sources import Source
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from student_trainer.core.losses import clm_and_fusion_loss, clm_loss
 from student_trainer.trainer import checkpoint
 from student_trainer.trainer.config import TrainerConfig
-from student_trainer.trainer.prefetch import Prefetcher, Prepared
+from student_trainer.trainer.prefetch import FusedBatch, Prefetcher
 from student_trainer.trainer.run_setup import Run, build_run
 from student_trainer.trainer.sources import SourceChanged, SourceFailed
 from student_trainer.trainer.stats import FusionStats, StepRecord
@@ -29,7 +29,7 @@ def _tensor(x, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(x).to(device)
 
 
-def micro_loss(run: Run, p: Prepared, num_tokens: float) -> tuple[torch.Tensor, float, float]:
+def micro_loss(run: Run, p: FusedBatch, num_tokens: float) -> tuple[torch.Tensor, float, float]:
     """Loss of one micro-batch (scaled for the step's global token count) and its CLM / fusion parts."""
     device, method = run.engine.device, run.config.method
     ids = _tensor(p.batch.input_ids, device)

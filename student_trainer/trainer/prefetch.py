@@ -22,14 +22,14 @@ from student_trainer.core.alignment import (
 )
 from student_trainer.core.fusion import FUSIONS, SEQUENCE_CE
 from student_trainer.trainer.config import MethodConfig
-from student_trainer.trainer.data import Batch, loss_mask
+from student_trainer.trainer.data.blocks import Batch, loss_mask
 from student_trainer.trainer.sources import Source
 from student_trainer.trainer.stats import FusionStats, SourceStats
 from student_trainer.trainer.stopping import Interrupted, StopFlag
 
 
 @dataclass
-class Prepared:
+class FusedBatch:
     """One micro-batch ready for the step. Arrays are numpy; the trainer moves them to the device."""
 
     batch: Batch
@@ -61,12 +61,12 @@ def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sourc
     return fused.targets, fused.weights, fused.winner, ces
 
 
-def prepare(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool: ThreadPoolExecutor) -> Prepared:
+def fuse_batch(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool: ThreadPoolExecutor) -> FusedBatch:
     """Fetches all sources in parallel for one micro-batch, aligns and fuses every sequence."""
     mask = loss_mask(batch.attention_mask)
     stats = FusionStats(micro_batches=1, sequences=len(batch.blocks))
     if not sources:
-        return Prepared(batch, mask, None, None, stats)
+        return FusedBatch(batch, mask, None, None, stats)
     texts = [b.text for b in batch.blocks]
     t0 = time.perf_counter()
     timed = [f.result() for f in [pool.submit(_timed_fetch, s, texts) for s in sources]]
@@ -90,8 +90,8 @@ def prepare(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool:
         stats.predicted_positions += max(len(block.ids) - 1, 0)
     ids, logprobs, _ = stack_targets(seq_targets)
     stats.sources = per_source
-    stats.prepare_seconds = time.perf_counter() - t0
-    return Prepared(batch, mask, ids, logprobs, stats)
+    stats.fuse_seconds = time.perf_counter() - t0
+    return FusedBatch(batch, mask, ids, logprobs, stats)
 
 
 def _timed_fetch(source: Source, texts: list[str]) -> tuple[list[TeacherOutput] | None, float]:
@@ -119,7 +119,7 @@ class Prefetcher:
         self._workers = ThreadPoolExecutor(max(depth, 1), thread_name_prefix="prefetch")
         self._fetchers = ThreadPoolExecutor(max(len(self._sources) * max(depth, 1), 1), thread_name_prefix="fetch")
         self._next = start_index
-        self._queue: deque[Future[Prepared]] = deque()
+        self._queue: deque[Future[FusedBatch]] = deque()
         self._depth = depth
         self.wait_seconds = 0.0  # time the training thread spent waiting on get()
 
@@ -128,24 +128,24 @@ class Prefetcher:
             self._queue.append(self._workers.submit(self._job, self._next))
             self._next += 1
 
-    def _job(self, index: int) -> Prepared:
-        return prepare(self._make_batch(index), self._sources, self._method, self._fetchers)
+    def _job(self, index: int) -> FusedBatch:
+        return fuse_batch(self._make_batch(index), self._sources, self._method, self._fetchers)
 
-    def get(self, stop: StopFlag | None = None) -> Prepared:
+    def get(self, stop: StopFlag | None = None) -> FusedBatch:
         """The next micro-batch; with ``stop``, waiting raises Interrupted as soon as a stop is requested."""
         self._fill()
         t0 = time.perf_counter()
         future = self._queue.popleft()
         while True:
             try:
-                prepared = future.result(timeout=None if stop is None else 0.2)
+                fused = future.result(timeout=None if stop is None else 0.2)
                 break
             except FutureTimeout:
                 if stop is not None and stop.requested:
                     raise Interrupted("stop requested while waiting for the teachers") from None
         self.wait_seconds += time.perf_counter() - t0
         self._fill()
-        return prepared
+        return fused
 
     def close(self) -> None:
         """Cancels queued work without waiting for jobs already talking to the teachers (see ``join``)."""

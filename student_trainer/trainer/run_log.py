@@ -1,18 +1,23 @@
 """What a run reports: a progress bar (loss, tokens/s, teacher wait), per-step metrics to ``metrics.jsonl``
 (always) and to the trackers of ``run.report_to`` (TensorBoard, W&B, trackio), evaluations, and the resolved
-config — rank 0 only."""
+config — rank 0 only. Messages go to the ``livefuse`` logger (``protos.logs``: the CLI sets it up), written
+above the progress bar while there is one."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
+import logging
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
+from student_trainer.trainer.config import ConfigError
 from student_trainer.trainer.stats import StepRecord, summary
+
+log = logging.getLogger("livefuse.trainer")
 
 
 class Tracker(Protocol):
@@ -89,7 +94,7 @@ def check_trackers(names: list[str]) -> None:
     for name in names:
         package = TRACKERS[name][1]
         if importlib.util.find_spec(package) is None:
-            raise ValueError(f"run.report_to: {name!r} needs the {package} package, which is not installed: "
+            raise ConfigError(f"run.report_to: {name!r} needs the {package} package, which is not installed: "
                              "pip install 'livefuse[track]' (or remove it from run.report_to)")
 
 
@@ -99,6 +104,7 @@ class RunLogger:
         self.output_dir = output_dir
         self.active = rank == 0
         self._bar = self._jsonl = None
+        self._redirect = ExitStack()  # log lines above the progress bar while it is shown
         self._trackers: list[Tracker] = []
         self._t0 = time.perf_counter()
         self._window: list[StepRecord] = []
@@ -121,12 +127,9 @@ class RunLogger:
         self._jsonl = open(path, "a")  # noqa: SIM115
 
     def info(self, message: str) -> None:
-        """A line for the user on rank 0 (above the progress bar when there is one)."""
+        """A line for the user, from rank 0 (the other ranks would repeat it)."""
         if self.active:
-            if self._bar is not None:
-                self._bar.write(f"[livefuse] {message}")
-            else:
-                print(f"[livefuse] {message}", file=sys.stderr, flush=True)
+            log.info(message)
 
     def start(self, max_steps: int, **facts: Any) -> None:
         if not self.active:
@@ -136,7 +139,9 @@ class RunLogger:
         self.info(f"run: {json.dumps({'max_steps': max_steps, **facts}, default=str)}")
         if self.config.run.progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            self._redirect.enter_context(logging_redirect_tqdm([logging.getLogger("livefuse")]))
             self._bar = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True)
         run = self.config.run
         name = run.run_name or Path(run.output_dir).resolve().name
@@ -180,7 +185,7 @@ class RunLogger:
         self.info(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
     def close(self) -> None:
-        for handle in (self._bar, self._jsonl, *self._trackers):
+        for handle in (self._bar, self._jsonl, *self._trackers, self._redirect):
             if handle is not None:
                 handle.close()
         self._bar = self._jsonl = None

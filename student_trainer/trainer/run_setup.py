@@ -1,9 +1,8 @@
 """Everything a training run needs before its first step: distributed setup, target model and tokenizer,
-data, teacher connections, the DeepSpeed engine, logging. ``trainer.py`` holds the loop itself."""
+data, teacher connections, the DeepSpeed engine, logging. ``loop.py`` holds the loop itself."""
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from collections.abc import Sequence
@@ -18,48 +17,14 @@ import torch.distributed as dist
 from protos.vocabulary import raw_vocab, tokenizer_fingerprint
 from student_trainer.trainer import evaluation
 from student_trainer.trainer.config import TrainerConfig
-from student_trainer.trainer.data import Block, BlockSampler, Sampler
-from student_trainer.trainer.data_cache import load_tokenizer, prepare, say_stderr
+from student_trainer.trainer.data.blocks import Block, BlockSampler, Sampler, load_target_tokenizer
+from student_trainer.trainer.data.prepared import prepare_corpus
+from student_trainer.trainer.engine_config import engine_config
 from student_trainer.trainer.extensions import clear_stale_locks
 from student_trainer.trainer.prefetch import Prefetcher
 from student_trainer.trainer.run_log import RunLogger
 from student_trainer.trainer.sources import Source
-from student_trainer.trainer.vocab_cache import default_cache_dir
-
-DEEPSPEED_DEFAULTS: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": 1.0,
-    # 5e7-element buckets (200 MB fp32): DeepSpeed's 5e8 default holds 1.9 GB even for a tiny model
-    "zero_optimization": {"stage": 2, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
-    "bf16": {"enabled": False},
-    "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto",
-                                                      "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-    "steps_per_print": 1_000_000_000,
-}
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(user: dict[str, Any], max_steps: int, on_gpu: bool) -> dict[str, Any]:
-    """User settings over the paper's defaults (AdamW 0.9/0.95, wd 0.1, clip 1.0, ZeRO-2, warmup 0.8%)."""
-    cfg = _merge(DEEPSPEED_DEFAULTS, user)
-    opt = cfg.get("optimizer", {}).get("params", {})
-    if not on_gpu:
-        opt.setdefault("torch_adam", True)  # DeepSpeed's fused Adam needs CUDA
-    sched = cfg.get("scheduler", {}).get("params", {})
-    auto = {"total_num_steps": max_steps, "warmup_num_steps": max(1, round(0.008 * max_steps)),
-            "warmup_max_lr": opt.get("lr", 1e-5)}
-    for key, value in auto.items():
-        if sched.get(key) == "auto":
-            sched[key] = value
-    return cfg
+from student_trainer.trainer.vocab_cache import default_vocab_dir
 
 
 def init_distributed() -> tuple[int, int]:
@@ -149,11 +114,10 @@ def _data(config: TrainerConfig, tokenizer, micro: int, rank: int, world: int
     """
     d = config.data
     if d.streaming:
-        from student_trainer.trainer.data_stream import stream_data
+        from student_trainer.trainer.data.stream import stream_data
 
         return stream_data(d, tokenizer, micro, rank=rank, world=world, eval_blocks=config.run.eval_blocks)
-    prepared = prepare(d, tokenizer, progress=config.run.progress,
-                       say=say_stderr if world == 1 else lambda m: say_stderr(f"rank {rank}: {m}"))
+    prepared = prepare_corpus(d, tokenizer, progress=config.run.progress)
     train, val = prepared.blocks("train"), prepared.blocks("validation")
     sampler = BlockSampler(train, micro, tokenizer.pad_token_id, seed=d.shuffle_seed, rank=rank, world=world)
     return sampler, val, {**prepared.facts(), "train_blocks": len(train), "val_blocks": len(val)}
@@ -166,15 +130,14 @@ def build_run(config: TrainerConfig) -> Run:
     rank, world = init_distributed()
     torch.manual_seed(config.train.seed)
     logger = RunLogger(Path(config.run.output_dir), rank, config)
-    user_ds = config.train.deepspeed
-    merged = _merge(DEEPSPEED_DEFAULTS, user_ds)
-    micro, gas = int(merged["train_micro_batch_size_per_gpu"]), int(merged["gradient_accumulation_steps"])
-    tokenizer = load_tokenizer(config.target.tokenizer or config.target.model)
+    engine_cfg = engine_config(config.train.deepspeed, torch.cuda.is_available())
+    micro, gas = engine_cfg.micro_batch, engine_cfg.grad_accum
+    tokenizer = load_target_tokenizer(config.target.tokenizer or config.target.model)
     sampler, val_blocks, data_facts = _data(config, tokenizer, micro, rank, world)  # before the model: fail early
     model = _load_model(config)
     target_vocab = raw_vocab(tokenizer, model.get_output_embeddings().weight.shape[0])
     target_fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab_cache = Path(config.run.vocab_cache_dir) if config.run.vocab_cache_dir else default_cache_dir() / "vocab-maps"
+    vocab_cache = Path(config.run.vocab_cache_dir) if config.run.vocab_cache_dir else default_vocab_dir()
     sources: list[Source] = []
     try:
         for s in config.sources:
@@ -186,7 +149,7 @@ def build_run(config: TrainerConfig) -> Run:
         raise
     assert sampler.per_epoch is not None or config.train.max_steps, "streaming needs max_steps (config check)"
     max_steps = config.train.max_steps or max(1, int(config.train.epochs * (sampler.per_epoch or 0) / gas))
-    ds_cfg = deepspeed_config(user_ds, max_steps, torch.cuda.is_available())
+    ds_cfg = engine_cfg.for_run(max_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_cfg)
     logger.start(max_steps=max_steps, world=world, data=data_facts,

@@ -15,7 +15,7 @@ import numpy as np
 from protos import teacher_pb2 as pb
 from student_trainer.core.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
 from student_trainer.trainer.client import ClientTLS, FingerprintMismatch, TeacherClient
-from student_trainer.trainer.config import SourceConfig
+from student_trainer.trainer.config import ConfigError, SourceConfig
 from student_trainer.trainer.vocab_cache import cached_vocab_map
 
 log = logging.getLogger("livefuse.trainer.sources")
@@ -58,7 +58,7 @@ class Source:
                                f"({err.code().name}: {err.details()}); is the teacher running?") from None
         if config.top_k > info.max_top_k:
             client.close()
-            raise ValueError(f"sources[{config.name}].top_k={config.top_k} exceeds the teacher's "
+            raise ConfigError(f"sources[{config.name}].top_k={config.top_k} exceeds the teacher's "
                              f"max_top_k={info.max_top_k}")
         vmap = cached_vocab_map(vocab, target_vocab, info.tokenizer_fingerprint, target_fingerprint, cache_dir)
         return cls(config, client, info, make_vocab_pair(vocab, target_vocab, vmap))

@@ -25,6 +25,13 @@ class SourceStats:
     def __add__(self, other: SourceStats) -> SourceStats:
         return SourceStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def rates(self, sequences: int, micro_batches: int) -> dict[str, float]:
+        """Shares of ``sequences`` (selected, weight, skipped), mean CE, latency per micro-batch: the one
+        place these are computed (metrics.jsonl and the text summary both read them)."""
+        seqs, micro = max(sequences, 1), max(micro_batches, 1)
+        return {"selected": self.selected / seqs, "weight": self.weight / seqs, "skipped": self.skipped / seqs,
+                "ce": self.ce_sum / self.ce_count if self.ce_count else math.nan, "latency": self.latency_s / micro}
+
 
 @dataclass
 class FusionStats:
@@ -36,7 +43,7 @@ class FusionStats:
     aligned_positions: int = 0    # of those, filled by a source distribution (not the one-hot fallback)
     no_teacher_sequences: int = 0
     teacher_seconds: float = 0.0  # wall time of the parallel fetch
-    prepare_seconds: float = 0.0  # fetch + align + fuse
+    fuse_seconds: float = 0.0  # fetch + align + fuse
     sources: dict[str, SourceStats] = field(default_factory=dict)
 
     def __add__(self, other: FusionStats) -> FusionStats:
@@ -52,18 +59,21 @@ class FusionStats:
             out = out + r
         return out
 
+    @property
+    def aligned_share(self) -> float:
+        """Predicted positions filled by a source distribution (not the one-hot fallback)."""
+        return self.aligned_positions / max(self.predicted_positions, 1)
+
+    def source_rates(self) -> dict[str, dict[str, float]]:
+        """Per source, :meth:`SourceStats.rates` over these sequences and micro-batches."""
+        return {name: s.rates(self.sequences, self.micro_batches) for name, s in self.sources.items()}
+
     def metrics(self) -> dict[str, float]:
         """Rates and means, flat (``selected/<source>``, ...): the keys of metrics.jsonl and TensorBoard."""
-        seqs, micro = max(self.sequences, 1), max(self.micro_batches, 1)
-        out = {"aligned_share": self.aligned_positions / max(self.predicted_positions, 1),
-               "no_teacher_sequences": float(self.no_teacher_sequences),
-               "teacher_seconds": self.teacher_seconds, "prepare_seconds": self.prepare_seconds}
-        for name, s in self.sources.items():
-            out[f"selected/{name}"] = s.selected / seqs
-            out[f"weight/{name}"] = s.weight / seqs
-            out[f"skipped/{name}"] = s.skipped / seqs
-            out[f"ce/{name}"] = s.ce_sum / s.ce_count if s.ce_count else math.nan
-            out[f"latency/{name}"] = s.latency_s / micro
+        out = {"aligned_share": self.aligned_share, "no_teacher_sequences": float(self.no_teacher_sequences),
+               "teacher_seconds": self.teacher_seconds, "fuse_seconds": self.fuse_seconds}
+        for name, rates in self.source_rates().items():
+            out.update({f"{key}/{name}": value for key, value in rates.items()})
         return out
 
 
@@ -100,12 +110,9 @@ def summary(records: list[StepRecord]) -> str:
     loss, clm, fuse = (sum(getattr(r, k) for r in records) / len(records) for k in ("loss", "clm_loss", "fusion_loss"))
     lines = [f"summary steps {records[0].step}-{records[-1].step}: loss {loss:.4f} (clm {clm:.4f}, "
              f"fusion {fuse:.4f}), {tokens / seconds:.0f} tokens/s, waited for teachers "
-             f"{100 * wait / seconds:.1f}% of the time, aligned positions "
-             f"{100 * fused.aligned_positions / max(fused.predicted_positions, 1):.1f}%"]
-    seqs, micro = max(fused.sequences, 1), max(fused.micro_batches, 1)
-    for name, s in fused.sources.items():
-        ce = s.ce_sum / s.ce_count if s.ce_count else math.nan
-        lines.append(f"  source {name}: latency {s.latency_s / micro:.3f}s/micro-batch, CE {ce:.3f}, "
-                     f"selected {100 * s.selected / seqs:.1f}%, weight {s.weight / seqs:.3f}, "
-                     f"skipped {100 * s.skipped / seqs:.1f}%")
+             f"{100 * wait / seconds:.1f}% of the time, aligned positions {100 * fused.aligned_share:.1f}%"]
+    for name, r in fused.source_rates().items():
+        lines.append(f"  source {name}: latency {r['latency']:.3f}s/micro-batch, CE {r['ce']:.3f}, "
+                     f"selected {100 * r['selected']:.1f}%, weight {r['weight']:.3f}, "
+                     f"skipped {100 * r['skipped']:.1f}%")
     return "\n".join(lines)

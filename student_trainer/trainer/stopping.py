@@ -9,7 +9,6 @@ send SIGTERM, so a preempted trainer keeps its last step too.
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 from dataclasses import dataclass
 from types import FrameType
@@ -59,17 +58,3 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float) -> bool:
-    """SIGTERM to a child, SIGKILL if it has not exited within ``grace_s``; True when it had to be killed."""
-    if proc.poll() is not None:
-        return False
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return True

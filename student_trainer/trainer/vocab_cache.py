@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from student_trainer.core.vocab import build_vocab_map
+from student_trainer.paths import cache_root
 
 ALGORITHM_VERSION = 2  # bump when build_vocab_map's output changes (2: whitespace runs go to the ids the target emits)
 
 
-def default_cache_dir() -> Path:
-    """livefuse's cache folder: ``$LIVEFUSE_CACHE``, else ``~/.cache/livefuse``."""
-    return Path(os.environ.get("LIVEFUSE_CACHE", Path.home() / ".cache" / "livefuse"))
+def default_vocab_dir() -> Path:
+    """Where vocabulary maps go unless ``run.vocab_cache_dir`` says otherwise."""
+    return cache_root() / "vocab-maps"
 
 
 def cache_key(source_fingerprint: str, target_fingerprint: str) -> str:

@@ -223,7 +223,7 @@ def test_trainer_entrypoint_is_deepspeed_running_the_trainer_module():
     config = args.user_args[args.user_args.index("--config") + 1]
     assert config.startswith("/app/configs/") and any(c.startswith("configs") for c in instruction(
         "trainer.Dockerfile", "COPY")), "the default config must be copied into the image"
-    load_trainer_config(REPO / "configs" / Path(config).name, check_inputs=False)  # the container's files
+    load_trainer_config(REPO / "configs" / Path(config).name)  # the container's files
 
 
 # --- compose services --------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_trainer_service_runs_a_valid_config_against_existing_teachers(path):
     user = args.user_args
     config_file = host_path(trainer, path, user[user.index("--config") + 1])
     overrides = [a for a in user if "=" in a and not a.startswith("-")]
-    config = load_trainer_config(config_file, overrides, check_inputs=False)  # files inside the container
+    config = load_trainer_config(config_file, overrides)  # files inside the container
     assert config.sources, f"{config_file}: no sources"
     output_dir = config.run.output_dir
     assert any(output_dir.startswith(v.split(":")[1]) for v in trainer["volumes"]), \

@@ -197,7 +197,7 @@ def _trainer_config(docs: list[dict], job: dict, argv: list[str], tmp_path):
         (tmp_path / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path.lstrip("/")).write_text("x")
     local = [a.replace(" /etc/", f" {tmp_path}/etc/").replace("=/etc/", f"={tmp_path}/etc/") for a in overrides]
-    return load_trainer_config(run_yaml, local, check_inputs=False), overrides, files
+    return load_trainer_config(run_yaml, local), overrides, files
 
 
 def _endpoint_service(endpoint: str) -> tuple[str, str, int]:
@@ -299,8 +299,8 @@ def test_job_failure_policy_matches_the_cli_exit_codes(tmp_path):
 def test_the_cluster_config_is_the_papers_config_with_cluster_endpoints():
     """docker/k8s/trainer/run.yaml repeats configs/paper_llama2.yaml for the cluster: only endpoints and run
     settings may differ, so the two cannot drift apart."""
-    paper = load_trainer_config(REPO / "configs" / "paper_llama2.yaml", check_inputs=False)
-    cluster = load_trainer_config(REPO / "docker" / "k8s" / "trainer" / "run.yaml", check_inputs=False)
+    paper = load_trainer_config(REPO / "configs" / "paper_llama2.yaml")
+    cluster = load_trainer_config(REPO / "docker" / "k8s" / "trainer" / "run.yaml")
     for section in ("target", "method", "train"):
         assert getattr(cluster, section) == getattr(paper, section), section
     where = {"dataset", "cache_dir"}  # the cluster reads a copy of the hub dataset from a volume

@@ -60,13 +60,13 @@ def fake_teacher(tokens: Tokens, vocab_size: int, k: int = 8, seed: int = 0) -> 
 
 @pytest.fixture(scope="session")
 def tokenizers():
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
 
     cache: dict[str, object] = {}
 
     def get(name: str):
         if name not in cache:
-            cache[name] = load_tokenizer(name)
+            cache[name] = named_tokenizer(name)
         return cache[name]
 
     return get

@@ -41,12 +41,12 @@ def test_info_and_vocab_describe_the_model_and_tokenizer(name, clients, tiny_mod
 
 
 def test_fingerprints_depend_on_tokenizer_content_not_name(clients):
-    from student_trainer.demo.assets import load_tokenizer
+    from student_trainer.demo.assets import named_tokenizer
 
     prints = {clients[n].info().tokenizer_fingerprint for n in clients}
     assert len(prints) == len(clients)  # four different tokenizers
     # MPT ships GPT-NeoX's tokenizer: same content, same fingerprint
-    assert tokenizer_fingerprint(load_tokenizer("mpt")) == tokenizer_fingerprint(load_tokenizer("gpt-neox"))
+    assert tokenizer_fingerprint(named_tokenizer("mpt")) == tokenizer_fingerprint(named_tokenizer("gpt-neox"))
 
 
 def test_health_is_serving_only_after_load(tiny_model_dirs, loaded):

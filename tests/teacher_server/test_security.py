@@ -186,10 +186,13 @@ def test_security_settings_are_checked_at_load(tmp_path):
         make_config(tmp_path, tls_cert="server.pem")
     with pytest.raises(ValueError, match="tls_client_ca needs TLS"):
         make_config(tmp_path, tls_client_ca="ca.pem")
-    from student_trainer.trainer.config import SourceConfig
+    from student_trainer.trainer.config import TrainerConfig
+    from student_trainer.trainer.inputs import check_sources
 
-    with pytest.raises(ValueError, match="auth_token_file: file '/nope/token' does not exist"):
-        SourceConfig(name="s", endpoints=["h:1"], auth_token_file="/nope/token")
+    config = TrainerConfig(target={"model": "m"}, data={"train_files": ["a.txt"]}, run={"output_dir": "out"},
+                           sources=[{"name": "s", "endpoints": ["h:1"], "auth_token_file": "/nope/token"}])
+    with pytest.raises(ValueError, match="sources.0.auth_token_file: file '/nope/token' does not exist"):
+        check_sources(config)  # the CLI's check before a run; the config itself loads anywhere
 
 
 def test_no_code_executing_format_crosses_the_wire():

@@ -12,6 +12,7 @@ from student_trainer.core.losses import (
     FUSION_LOSSES,
     clm_and_fusion_loss,
     clm_loss,
+    counted_positions,
     sparse_cross_entropy,
     sparse_kl,
     teacher_probs,
@@ -38,7 +39,8 @@ def dense_reference(logits, ids, lp, mask, temperature: float, kind: str) -> tor
     per_pos = -(dense * logq).sum(-1)
     if kind == "kl":
         per_pos = per_pos + torch.where(dense > 0, dense * dense.clamp_min(1e-30).log(), 0.0).sum(-1)
-    counted = mask & (p.sum(-1) > 0)
+    counted = mask.clone()
+    counted[:, -1] = False  # the last position predicts nothing
     return (per_pos * counted).sum() / max(int(counted.sum()), 1)
 
 
@@ -100,7 +102,7 @@ def test_all_masked_batch_gives_zero_not_nan():
 
 def test_normalised_by_token_count_or_global_count():
     logits, ids, lp, mask = make_batch(4)
-    counted = int((mask & torch.isfinite(lp).any(-1)).sum())
+    counted = int(counted_positions(mask).sum())
     mean = sparse_cross_entropy(logits, ids, lp, mask)
     total = sparse_cross_entropy(logits, ids, lp, mask, num_tokens=1)
     assert torch.allclose(total / counted, mean)
@@ -197,3 +199,21 @@ def test_one_pass_objective_makes_one_logits_sized_gradient_not_two():
     with _BigTensors(b * t * v) as two_losses:
         separate.backward()
     assert one_pass.count == 1 and two_losses.count >= 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(sorted(FUSION_LOSSES)), st.sampled_from([0.3, 0.9]))
+def test_every_loss_counts_the_same_positions(seed, kind, lam):
+    """CLM, soft CE and KL average over one set of positions (mask, not the last), also where a teacher row is
+    empty: the one-pass parts equal the separate losses each normalised by its own count."""
+    logits, ids, lp, mask = make_batch(seed, t=9)
+    mask[:, 2] = True
+    lp[:, 2] = float("-inf")  # a counted position without a teacher distribution
+    mask[:, -1] = True  # the last position is never counted, whatever the mask says
+    tokens = torch.randint(0, logits.shape[-1], logits.shape[:2], generator=torch.Generator().manual_seed(seed))
+    _, clm, fuse = clm_and_fusion_loss(logits, tokens, ids, lp, mask, lam=lam, kind=kind)
+    assert torch.allclose(clm, clm_loss(logits, tokens, mask), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fuse, FUSION_LOSSES[kind](logits, ids, lp, mask), rtol=1e-5, atol=1e-6)
+    expected = mask.clone()
+    expected[:, -1] = False
+    assert torch.equal(counted_positions(mask), expected)

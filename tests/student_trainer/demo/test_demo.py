@@ -3,7 +3,6 @@ process left behind, also when the user presses Ctrl-C."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from student_trainer.demo.report import DemoResults
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUICK_DEMO_S = 1000  # a cold cache on a quiet 2-core machine: assets (tiny models pretrained) + 3 short runs
@@ -54,13 +55,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "Paired change against clm_only" in table and "Sample efficiency" in table
     for plot in ("loss_curves.png", "sample_efficiency.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
-    result = json.loads((tmp_path / "results.json").read_text())
+    result = DemoResults.read(tmp_path / "results.json")
     for mode in ("clm_only", "min_ce", "avg_ce"):
         assert (tmp_path / "runs" / mode / "seed-0" / "final" / "model.safetensors").exists()
-        curve = result["curves"][mode]["0"]  # the initial model, then the evaluations at steps 2 and 4
+        curve = result.curves[mode][0]  # the initial model, then the evaluations at steps 2 and 4
         assert len(curve) == 3 and curve[0][0] == 0.0 < curve[1][0] < curve[2][0]
-        assert set(result["scores"][mode]["0"]) == {"code_ppl", "prose_ppl", "code_nats_per_char",
-                                                    "prose_nats_per_char"}
+        assert set(result.scores[mode][0]) == {"code_ppl", "prose_ppl", "code_nats_per_char", "prose_nats_per_char"}
     assert not demo_children(tmp_path)  # every teacher and trainer process is gone
 
 

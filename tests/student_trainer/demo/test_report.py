@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from student_trainer.demo.report import efficiency_sentences, validation_line, write_report
+import pytest
+
+from student_trainer.demo.report import DemoResults, efficiency_sentences, validation_line, write_report
 
 
 def _row(code: float, prose: float) -> dict[str, float]:
@@ -15,16 +17,16 @@ def _row(code: float, prose: float) -> dict[str, float]:
 def test_three_seeds_give_mean_sd_paired_gains_and_the_efficiency_line(tmp_path):
     curve = [(0.0, 900.0), (100.0, 500.0), (200.0, 400.0)]
     faster = [(0.0, 900.0), (100.0, 450.0), (200.0, 300.0)]  # reaches 400 at 133 of 200 tokens
-    result = {
-        "scores": {"clm_only": {0: _row(250, 950), 1: _row(260, 980), 2: _row(240, 940)},
-                   "min_ce": {0: _row(240, 930), 1: _row(250, 960), 2: _row(231, 921)},
-                   "avg_ce": {0: _row(255, 940), 1: _row(255, 990), 2: _row(235, 930)}},
-        "initial": _row(870, 1720),
-        "sources": {"code": {"code_ppl": float("nan"), "prose_ppl": float("nan"), "code_nats_per_char": 1.2,
-                             "prose_nats_per_char": 2.1}},
-        "curves": {"clm_only": {str(s): curve for s in range(3)}, "min_ce": {str(s): faster for s in range(3)},
-                   "avg_ce": {str(s): curve for s in range(3)}},
-    }
+    result = DemoResults(
+        scores={"clm_only": {0: _row(250, 950), 1: _row(260, 980), 2: _row(240, 940)},
+                "min_ce": {0: _row(240, 930), 1: _row(250, 960), 2: _row(231, 921)},
+                "avg_ce": {0: _row(255, 940), 1: _row(255, 990), 2: _row(235, 930)}},
+        initial=_row(870, 1720),
+        sources={"code": {"code_ppl": float("nan"), "prose_ppl": float("nan"), "code_nats_per_char": 1.2,
+                          "prose_nats_per_char": 2.1}},
+        curves={"clm_only": {s: curve for s in range(3)}, "min_ce": {s: faster for s in range(3)},
+                "avg_ce": {s: curve for s in range(3)}},
+    )
     table = write_report(tmp_path, result, Namespace(seeds=3, eval_blocks=48, seq_len=128, steps=60))
     assert "| target + clm_only | 250.000 ± 10.000 | 956.667 ± 20.817 |" in table
     assert "| source: code | – | – | 1.200 | 2.100 |" in table
@@ -38,10 +40,23 @@ def test_three_seeds_give_mean_sd_paired_gains_and_the_efficiency_line(tmp_path)
 
 
 def test_no_clm_only_run_no_efficiency_line():
-    assert efficiency_sentences({"min_ce": {"0": [(0.0, 1.0)]}}) == ""
+    assert efficiency_sentences({"min_ce": {0: [(0.0, 1.0)]}}) == ""
 
 
 def test_validation_line_gives_each_modes_final_point_and_one_seed_has_no_sd():
-    line = validation_line({"clm_only": {"0": [(0.0, 900.0), (10.0, 412.34)]}, "tau_1": {"0": [(0.0, 900.0), (10.0, 401.0)]}})
+    line = validation_line({"clm_only": {0: [(0.0, 900.0), (10.0, 412.34)]}, "tau_1": {0: [(0.0, 900.0), (10.0, 401.0)]}})
     assert line.endswith("clm_only 412.3, tau_1 401.0.\n")
     assert validation_line({}) == ""
+
+
+def test_results_round_trip_with_int_seeds_and_refuse_another_version(tmp_path):
+    result = DemoResults(scores={"clm_only": {0: _row(250, 950)}}, initial=_row(870, 1720),
+                         sources={"code": {"code_ppl": float("nan"), "code_nats_per_char": 1.2}},
+                         curves={"clm_only": {0: [(0.0, 900.0), (10.0, 400.0)]}})
+    result.write(tmp_path / "results.json")
+    back = DemoResults.read(tmp_path / "results.json")
+    assert list(back.scores["clm_only"]) == [0] and back.curves["clm_only"][0][1] == (10.0, 400.0)
+    assert back.version == 1 and back.initial == result.initial
+    (tmp_path / "old.json").write_text((tmp_path / "results.json").read_text().replace('"version": 1', '"version": 0'))
+    with pytest.raises(ValueError, match=r"old.json: not a DemoResults of this livefuse \(version 1\)"):
+        DemoResults.read(tmp_path / "old.json")

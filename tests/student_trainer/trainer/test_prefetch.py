@@ -1,4 +1,4 @@
-"""prepare / fuse_sequence / Prefetcher and the failure policies, with fake sources and clients (no servers)."""
+"""fuse_batch / fuse_sequence / Prefetcher and the failure policies, with fake sources and clients (no servers)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from protos import teacher_pb2 as pb
 from student_trainer.core.alignment import TeacherOutput, Tokens, make_vocab_pair
 from student_trainer.trainer.config import MethodConfig, SourceConfig
-from student_trainer.trainer.data import Block, collate
-from student_trainer.trainer.prefetch import Prefetcher, fuse_sequence, prepare
+from student_trainer.trainer.data.blocks import Block, collate
+from student_trainer.trainer.prefetch import Prefetcher, fuse_batch, fuse_sequence
 from student_trainer.trainer.sources import Source, SourceFailed
 from student_trainer.trainer.stopping import Interrupted, StopFlag
 
@@ -35,7 +35,7 @@ def teacher_output(b: Block, peak: float, top: int = 0) -> TeacherOutput:
 
 
 class FakeSource:
-    """What prepare() needs of a source: a name, a vocabulary pair and fetch()."""
+    """What fuse_batch() needs of a source: a name, a vocabulary pair and fetch()."""
 
     def __init__(self, name: str, peak: float, top: int = 0, down: bool = False) -> None:
         self.name, self.pair, self.peak, self.top, self.down = name, PAIR, peak, top, down
@@ -63,7 +63,7 @@ def test_min_ce_takes_the_lower_ce_source_and_counts_it(batch):
 
     strong, weak = FakeSource("strong", 0.9, top=2), FakeSource("weak", 0.3, top=3)
     with ThreadPoolExecutor(2) as pool:
-        p = prepare(batch, _sources(batch, weak, strong), MethodConfig(fusion="min_ce"), pool)
+        p = fuse_batch(batch, _sources(batch, weak, strong), MethodConfig(fusion="min_ce"), pool)
     assert p.fuse_ids.shape == (2, 4, 2) and p.batch.index == 7
     assert (p.fuse_ids[0, :3, 0] == 2).all()  # the strong source's top id on every predicting position
     st = p.stats
@@ -78,8 +78,8 @@ def test_a_skipped_source_is_left_out_and_none_left_gives_one_hot(batch):
 
     up, down = FakeSource("up", 0.6), FakeSource("down", 0.9, down=True)
     with ThreadPoolExecutor(2) as pool:
-        p = prepare(batch, _sources(batch, up, down), MethodConfig(fusion="avg_ce"), pool)
-        none = prepare(batch, _sources(batch, FakeSource("gone", 0.5, down=True)), MethodConfig(), pool)
+        p = fuse_batch(batch, _sources(batch, up, down), MethodConfig(fusion="avg_ce"), pool)
+        none = fuse_batch(batch, _sources(batch, FakeSource("gone", 0.5, down=True)), MethodConfig(), pool)
     assert p.stats.sources["down"].skipped == 2 and p.stats.sources["up"].weight == pytest.approx(2.0)
     assert none.stats.no_teacher_sequences == 2 and none.stats.aligned_positions == 0
     assert none.fuse_ids[0, :3, 0].tolist() == [1, 2, 3]  # the gold next tokens

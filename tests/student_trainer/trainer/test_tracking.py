@@ -33,7 +33,7 @@ def test_a_bad_report_to_fails_when_the_config_is_read(tmp_path, value, message)
     base.write_text("target: {model: m}\ndata: {train_files: [a.txt]}\nmethod: {lambda_clm: 1.0}\n"
                     f"run: {{output_dir: {tmp_path}}}\n")
     with pytest.raises(ValueError, match="run.report_to") as err:
-        load_trainer_config(base, [f"run.report_to={value}"], check_inputs=False)
+        load_trainer_config(base, [f"run.report_to={value}"])
     assert message in str(err.value)
 
 

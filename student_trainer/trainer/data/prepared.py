@@ -5,14 +5,15 @@
 One cache per (inputs, target tokenizer fingerprint, seq_len, min_block_tokens, max_piece_chars, split
 settings, format version), in ``<cache_dir>/<name>-<key>/``::
 
-    meta.json                  the key's inputs, counts, dtypes, every file's size, sha256 of each block table
+    meta.json                  build.CorpusMeta: the key's inputs, counts, dtypes, every file's size, sha256 of
+                               each block table, the format version
     train/text.bin             the documents' text, UTF-8, in document order (long ones as pieces)
     train/ids.bin              the kept token ids, flat (uint16 when the vocabulary fits, else uint32)
     train/offsets.bin          (n, 2) uint16: each token's characters relative to its block's text
     train/blocks.bin           (k, 5) int64: piece row, token start, token end, text byte start, byte end
     validation/...             the same for the held-out documents
 
-It is written into ``<folder>.partial-<pid>`` (``data_build``) and renamed into place last: the rename is the
+It is written into ``<folder>.partial-<pid>`` (``build``) and renamed into place last: the rename is the
 completion marker, so a killed build leaves only a ``.partial`` folder that the next builder removes. A folder
 whose files do not match ``meta.json`` (sizes, block-table hashes) is rebuilt, never used. One process builds
 under a file lock (``<folder>.lock``); every other rank or run waits for it and then reads the result.
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -40,36 +41,25 @@ from typing import Any, overload
 import numpy as np
 
 from protos.vocabulary import tokenizer_fingerprint
-from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data import Block
-from student_trainer.trainer.data_build import FILES, build, file_sha256
-from student_trainer.trainer.data_sources import identity
+from student_trainer.paths import cache_root
+from student_trainer.trainer.config import ConfigError, DataConfig
+from student_trainer.trainer.data.blocks import Block
+from student_trainer.trainer.data.build import (
+    FILES,
+    FORMAT_VERSION,
+    CorpusMeta,
+    SplitMeta,
+    build,
+    file_sha256,
+)
+from student_trainer.trainer.data.documents import identity
 
-FORMAT_VERSION = 2
-Say = Callable[[str], None]
-
-
-def say_stderr(message: str) -> None:
-    print(f"[livefuse] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("livefuse.trainer.data")
 
 
 def default_root() -> Path:
-    from student_trainer.trainer.vocab_cache import default_cache_dir
-
-    return default_cache_dir() / "data"
-
-
-def load_tokenizer(name: str):
-    """The target tokenizer (fast: the cache stores its character offsets), with a pad token."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"target.tokenizer: {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the "
-                         "trainer needs character offsets (save the tokenizer with a tokenizer.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
-    return tokenizer
+    """Where prepared corpora go unless ``data.cache_dir`` says otherwise."""
+    return cache_root() / "data"
 
 
 def cache_folder(d: DataConfig, fingerprint: str, inputs: dict[str, Any]) -> Path:
@@ -93,9 +83,9 @@ class PreparedBlocks(Sequence[Block]):
     Reads are ``os.pread`` calls on descriptors opened once: safe from several threads (the prefetcher's).
     """
 
-    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
-        self.n_blocks = int(meta["blocks"])
-        self.ids_dtype = np.dtype(meta["ids_dtype"])
+    def __init__(self, folder: Path, meta: SplitMeta) -> None:
+        self.n_blocks = meta.blocks
+        self.ids_dtype = np.dtype(meta.ids_dtype)
         self._fds = {name: os.open(folder / name, os.O_RDONLY) for name in FILES}
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
@@ -124,45 +114,48 @@ class PreparedBlocks(Sequence[Block]):
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedCorpus:
+    """A complete prepared corpus: its folder and its typed metadata."""
+
     folder: Path
-    meta: dict[str, Any]
+    meta: CorpusMeta
 
     def blocks(self, split: str) -> PreparedBlocks:
-        return PreparedBlocks(self.folder / split, self.meta["splits"][split])
+        return PreparedBlocks(self.folder / split, self.meta.splits[split])
 
     def facts(self) -> dict[str, Any]:
         """What the start-up log says about the data: where, how much, what was skipped."""
-        train = self.meta["splits"]["train"]
-        size = sum(s for m in self.meta["splits"].values() for s in m["files"].values())
-        return {"cache": str(self.folder), "cache_bytes": size, "documents": train["documents"],
-                "empty_documents_skipped": sum(m["empty_skipped"] for m in self.meta["splits"].values()),
-                "train_tokens": train["block_tokens"],
-                "validation_documents": self.meta["splits"]["validation"]["documents"]}
+        splits = self.meta.splits
+        return {"cache": str(self.folder), "cache_bytes": sum(sum(m.files.values()) for m in splits.values()),
+                "documents": splits["train"].documents,
+                "empty_documents_skipped": sum(m.empty_skipped for m in splits.values()),
+                "train_tokens": splits["train"].block_tokens, "validation_documents": splits["validation"].documents}
 
 
 def problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete cache of this format (None: it is)."""
+    """Why ``folder`` is not a complete cache (None: it is). A folder whose meta.json is of another format or
+    not ours raises ValueError (never deleted: it may be someone else's)."""
     if not folder.exists():
         return "missing"
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
+        meta = CorpusMeta.read(folder)
+    except (OSError, json.JSONDecodeError):
         return "without a readable meta.json (half-written?)"
-    if meta.get("format") != FORMAT_VERSION or meta.get("key") != folder.name:
-        return f"of another format or key ({meta.get('format')}, {meta.get('key')})"
-    for split, m in meta.get("splits", {}).items():
-        for name, size in m["files"].items():
+    if meta.key != folder.name:
+        raise ConfigError(f"{folder / 'meta.json'}: the metadata of cache {meta.key!r}, not of {folder.name!r}: "
+                         f"delete {folder} (the next run rebuilds it) or set data.cache_dir to another folder")
+    for split, m in meta.splits.items():
+        for name, size in m.files.items():
             path = folder / split / name
             if not path.is_file() or path.stat().st_size != size:
                 return f"corrupt: {split}/{name} is missing or has the wrong size"
-        if file_sha256(folder / split / "blocks.bin") != m["blocks_sha256"]:
+        if file_sha256(folder / split / "blocks.bin") != m.blocks_sha256:
             return f"corrupt: {split}/blocks.bin does not match its hash"
     return None
 
 
-def prepare(d: DataConfig, tokenizer, *, progress: bool = True, say: Say = say_stderr) -> Prepared:
-    """The prepared cache for ``d`` and ``tokenizer``: opened if complete, else built once under a file lock
+def prepare_corpus(d: DataConfig, tokenizer, *, progress: bool = True) -> PreparedCorpus:
+    """The prepared corpus for ``d`` and ``tokenizer``: opened if complete, else built once under a file lock
     (every other process waits for the builder and then opens its result)."""
     from filelock import FileLock, Timeout
 
@@ -175,17 +168,17 @@ def prepare(d: DataConfig, tokenizer, *, progress: bool = True, say: Say = say_s
         try:
             lock.acquire(timeout=1)
         except Timeout:
-            say(f"waiting for another process to finish preparing {folder}")
+            log.info(f"waiting for another process to finish preparing {folder}")
             lock.acquire()
         try:
             if (reason := problem(folder)) is not None:
                 if reason != "missing":
-                    say(f"the data cache {folder} is {reason}; rebuilding it")
+                    log.warning(f"the data cache {folder} is {reason}; rebuilding it")
                     shutil.rmtree(folder)
-                meta = {"format": FORMAT_VERSION, "key": folder.name, "inputs": inputs, "tokenizer": fingerprint,
-                        "seq_len": d.seq_len, "min_block_tokens": d.min_block_tokens,
-                        "max_piece_chars": d.max_piece_chars, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                build(d, tokenizer, folder, meta, progress, say)
+                header = {"format": FORMAT_VERSION, "key": folder.name, "inputs": inputs, "tokenizer": fingerprint,
+                          "seq_len": d.seq_len, "min_block_tokens": d.min_block_tokens,
+                          "max_piece_chars": d.max_piece_chars, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                build(d, tokenizer, folder, header, progress)
         finally:
             lock.release()
-    return Prepared(folder, json.loads((folder / "meta.json").read_text()))
+    return PreparedCorpus(folder, CorpusMeta.read(folder))

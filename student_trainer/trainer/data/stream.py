@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import count, islice
 from typing import Any
 
-from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data import Batch, Block, collate, iter_blocks
-from student_trainer.trainer.data_sources import is_document, load_split
+from student_trainer.trainer.config import ConfigError, DataConfig
+from student_trainer.trainer.data.blocks import Batch, Block, collate, iter_blocks
+from student_trainer.trainer.data.documents import is_document, load_split
 
 STREAM_BATCH_CHARS = 256_000  # characters per tokenizer call: the first block comes quickly
 WINDOW = 256                  # micro-batches kept for requests that arrive out of order (prefetch depth)
@@ -64,7 +64,7 @@ class StreamSampler:
                 empty = False
                 yield block
             if empty:
-                raise ValueError("this rank's share of the data stream holds no blocks; add data or lower "
+                raise ConfigError("this rank's share of the data stream holds no blocks; add data or lower "
                                  "data.seq_len / data.min_block_tokens")
 
     def batch(self, index: int) -> Batch:

@@ -1,8 +1,8 @@
 """Corpus -> target-token blocks that carry the exact text they cover -> deterministic micro-batches.
 
-Documents come from local files or a ``datasets`` dataset (``data_sources``); at scale they are tokenized
-once into an on-disk cache that every rank reads block by block (``data_cache``), or streamed
-(``data_stream``).
+Documents come from local files or a ``datasets`` dataset (``documents``); at scale they are tokenized
+once into an on-disk cache that every rank reads block by block (``prepared``), or streamed
+(``stream``).
 This module holds the pure parts both share: cutting a long document into pieces at line breaks, cutting a
 tokenized piece into blocks of ``seq_len`` tokens that never cross pieces, the seeded sampler and collate.
 A block keeps its text slice and its token offsets relative to that slice: the slice is what the teachers
@@ -20,6 +20,8 @@ from itertools import chain, islice
 from typing import Protocol
 
 import numpy as np
+
+from student_trainer.trainer.config import ConfigError
 
 MAX_BLOCK_CHARS = 65_535      # a block's text fits uint16 offsets (real text has ~4 characters per token)
 DEFAULT_PIECE_CHARS = 1_000_000  # longer documents are tokenized in pieces cut at line breaks
@@ -51,11 +53,17 @@ class Sampler(Protocol):
     def batch(self, index: int) -> Batch: ...
 
 
-def read_documents(files: Sequence[str], text_field: str) -> list[str]:
-    """Texts of all documents in ``files`` (kinds by extension), empty ones dropped, in file order."""
-    from student_trainer.trainer.data_sources import is_document, load_files
+def load_target_tokenizer(name: str):
+    """The target tokenizer (fast: blocks keep its character offsets), with a pad token."""
+    from transformers import AutoTokenizer
 
-    return [t for t in load_files(files, text_field)["text"] if is_document(t)]
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"target.tokenizer: {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the "
+                         "trainer needs character offsets (save the tokenizer with a tokenizer.json)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    return tokenizer
 
 
 def split_order(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +152,7 @@ def iter_blocks(docs: Iterable[str], tokenizer, seq_len: int, min_tokens: int,
 
 def make_blocks(docs: Sequence[str], tokenizer, seq_len: int, min_tokens: int,
                 max_piece_chars: int = DEFAULT_PIECE_CHARS) -> list[Block]:
-    """In memory (held-out texts, the demo's table); the prepared cache (``data_cache``) stores the same blocks."""
+    """In memory (held-out texts, the demo's table); the prepared cache (``prepared``) stores the same blocks."""
     return list(iter_blocks(docs, tokenizer, seq_len, min_tokens, max_piece_chars))
 
 
@@ -167,7 +175,7 @@ class BlockSampler:
         self.seed, self.rank, self.world = seed, rank, world
         self.per_epoch = (len(blocks) // world) // micro_batch
         if self.per_epoch == 0:
-            raise ValueError(f"{len(blocks)} blocks are too few for {world} rank(s) x micro batch {micro_batch}; "
+            raise ConfigError(f"{len(blocks)} blocks are too few for {world} rank(s) x micro batch {micro_batch}; "
                              "add data or lower train_micro_batch_size_per_gpu / data.seq_len")
         self._lock = threading.Lock()
         self._orders: dict[int, np.ndarray] = {}  # epoch -> this rank's blocks (the last two epochs asked for)

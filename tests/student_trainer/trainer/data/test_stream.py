@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from student_trainer.__main__ import main
-from student_trainer.demo.assets import load_tokenizer
+from student_trainer.demo.assets import named_tokenizer
 from student_trainer.trainer.config import DataConfig, load_trainer_config
-from student_trainer.trainer.data_stream import StreamSampler, held_out, rank_blocks, stream_data
+from student_trainer.trainer.data.stream import StreamSampler, held_out, rank_blocks, stream_data
 from student_trainer.trainer.loop import train
-
-from .helpers import read_metrics, trainer_config, write_config
+from tests.student_trainer.trainer.helpers import read_metrics, trainer_config, write_config
 
 N_DOCS = 40
 
@@ -26,7 +25,7 @@ def _doc(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def tok():
-    tokenizer = load_tokenizer("mistral-spm")
+    tokenizer = named_tokenizer("mistral-spm")
     tokenizer.pad_token = tokenizer.eos_token  # as the trainer sets it
     return tokenizer
 

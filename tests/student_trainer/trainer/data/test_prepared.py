@@ -14,21 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from protos.vocabulary import tokenizer_fingerprint
 from student_trainer.__main__ import main
-from student_trainer.demo.assets import load_tokenizer
-from student_trainer.trainer import data_cache
+from student_trainer.demo.assets import named_tokenizer
 from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data import (
+from student_trainer.trainer.data import prepared as prepared_module
+from student_trainer.trainer.data.blocks import (
     BlockSampler,
     make_blocks,
-    read_documents,
     split_documents,
     text_pieces,
 )
-from student_trainer.trainer.data_cache import prepare, problem
+from student_trainer.trainer.data.build import CorpusMeta
+from student_trainer.trainer.data.documents import identity, read_documents
+from student_trainer.trainer.data.prepared import PreparedCorpus, cache_folder, prepare_corpus, problem
 from tests import REPO
-
-from .helpers import corpus_files, free_port, subprocess_env, trainer_config, write_config
+from tests.student_trainer.trainer.helpers import (
+    corpus_files,
+    free_port,
+    subprocess_env,
+    trainer_config,
+    write_config,
+)
 
 DOCS = ["def f(x):\n    return x + 1\n" * 40, "Plain prose about tokenizers, offsets and blocks. " * 60,
         "Ünïcödé — mixed text 😀 with tabs\tand  double spaces.\n" * 30, "class A:\n    pass\n" * 50]
@@ -36,7 +43,7 @@ DOCS = ["def f(x):\n    return x + 1\n" * 40, "Plain prose about tokenizers, off
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer("mistral-spm")
+    return named_tokenizer("mistral-spm")
 
 
 def _jsonl(path: Path, texts: list[str | None]) -> Path:
@@ -56,14 +63,14 @@ def _same(a, b) -> bool:
 def _no_build(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("the cache was built again")
-    monkeypatch.setattr(data_cache, "build", refuse)
+    monkeypatch.setattr(prepared_module, "build", refuse)
 
 
 def test_prepared_blocks_equal_the_in_memory_path_and_a_second_run_does_not_tokenize(tmp_path, tok, monkeypatch):
     files = [str(_jsonl(tmp_path / "a.jsonl", [DOCS[0], "", DOCS[1], "   ", None, DOCS[2]])),
              str(_jsonl(tmp_path / "b.jsonl", [DOCS[3]] * 3))]
     d = _config(tmp_path, train_files=files, validation_fraction=0.3, shuffle_seed=4)
-    prepared = prepare(d, tok, progress=False)
+    prepared = prepare_corpus(d, tok, progress=False)
     train, held = split_documents([DOCS[0], DOCS[1], DOCS[2]] + [DOCS[3]] * 3, 0.3, 4)
     assert _same(prepared.blocks("train")[:], make_blocks(train, tok, 48, 4))
     assert _same(prepared.blocks("validation")[:], make_blocks(held, tok, 48, 4))
@@ -75,31 +82,30 @@ def test_prepared_blocks_equal_the_in_memory_path_and_a_second_run_does_not_toke
     assert len(ids) == facts["train_tokens"] == sum(len(b.ids) for b in make_blocks(train, tok, 48, 4))
 
     _no_build(monkeypatch)
-    again = prepare(d, tok, progress=False)  # a second run only opens it
+    again = prepare_corpus(d, tok, progress=False)  # a second run only opens it
     assert again.folder == prepared.folder and _same(again.blocks("train")[:], prepared.blocks("train")[:])
 
 
 def test_changed_input_tokenizer_or_block_settings_give_a_new_key(tmp_path, tok):
     doc = _jsonl(tmp_path / "a.jsonl", DOCS)
     d = _config(tmp_path, train_files=[str(doc)])
-    first = prepare(d, tok, progress=False).folder
+    first = prepare_corpus(d, tok, progress=False).folder
     keys = {first}
     for changed in (d.model_copy(update={"seq_len": 32}), d.model_copy(update={"min_block_tokens": 8}),
                     d.model_copy(update={"validation_fraction": 0.5})):
-        keys.add(prepare(changed, tok, progress=False).folder)
-    keys.add(prepare(d, load_tokenizer("gpt-2"), progress=False).folder)
+        keys.add(prepare_corpus(changed, tok, progress=False).folder)
+    keys.add(prepare_corpus(d, named_tokenizer("gpt-2"), progress=False).folder)
     _jsonl(doc, DOCS[:3])  # the file changes
-    keys.add(prepare(d, tok, progress=False).folder)
+    keys.add(prepare_corpus(d, tok, progress=False).folder)
     assert len(keys) == 6 and all(problem(k) is None for k in keys)
-    assert len(prepare(d, tok, progress=False).blocks("train")) < len(data_cache.Prepared(
-        first, json.loads((first / "meta.json").read_text())).blocks("train"))
+    assert len(prepare_corpus(d, tok, progress=False).blocks("train")) < len(PreparedCorpus(first, CorpusMeta.read(first)).blocks("train"))
 
 
 @pytest.mark.parametrize("damage", ["truncated ids", "changed block table", "no meta.json", "killed build"])
 def test_a_half_written_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok, damage, capsys):
     d = _config(tmp_path, train_files=[str(_jsonl(tmp_path / "a.jsonl", DOCS))])
-    folder = prepare(d, tok, progress=False).folder
-    good = prepare(d, tok, progress=False).blocks("train")[:]
+    folder = prepare_corpus(d, tok, progress=False).folder
+    good = prepare_corpus(d, tok, progress=False).blocks("train")[:]
     if damage == "truncated ids":
         with open(folder / "train" / "ids.bin", "r+b") as f:
             f.truncate(10)
@@ -113,7 +119,7 @@ def test_a_half_written_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok, 
         folder.rename(folder.with_name(folder.name + ".partial-999999"))
     assert problem(folder) is not None
     capsys.readouterr()
-    rebuilt = prepare(d, tok, progress=False)
+    rebuilt = prepare_corpus(d, tok, progress=False)
     assert problem(folder) is None and _same(rebuilt.blocks("train")[:], good)
     assert not list(folder.parent.glob("*.partial-*"))
     if damage != "killed build":
@@ -142,7 +148,7 @@ def test_a_document_longer_than_a_piece_is_tokenized_in_pieces(tmp_path, tok):
     d = _config(tmp_path, train_files=[str(_jsonl(tmp_path / "a.jsonl", [long_doc, DOCS[0]]))],
                 max_piece_chars=4000, validation_fraction=0)
     spy = _Spy(tok)
-    blocks = prepare(d, spy, progress=False).blocks("train")
+    blocks = prepare_corpus(d, spy, progress=False).blocks("train")
     assert 3000 < spy.longest <= 4000  # the tokenizer never saw more than a piece
     assert _same(blocks[:], make_blocks([long_doc, DOCS[0]], tok, 48, 4, max_piece_chars=4000))
     texts = [b.text for b in blocks[:]]
@@ -153,12 +159,12 @@ def test_a_document_longer_than_a_piece_is_tokenized_in_pieces(tmp_path, tok):
 
 def test_a_cached_sampler_is_a_pure_function_of_seed_rank_world_and_index(tmp_path, tok):
     d = _config(tmp_path, train_files=corpus_files(), seq_len=32, validation_fraction=0)
-    blocks = prepare(d, tok, progress=False).blocks("train")
+    blocks = prepare_corpus(d, tok, progress=False).blocks("train")
     in_memory = make_blocks(read_documents(corpus_files(), "text"), tok, 32, 4)
     for rank in range(2):
         a = BlockSampler(blocks, 2, 0, seed=5, rank=rank, world=2)
         b = BlockSampler(in_memory, 2, 0, seed=5, rank=rank, world=2)
-        fresh = BlockSampler(prepare(d, tok, progress=False).blocks("train"), 2, 0, seed=5, rank=rank, world=2)
+        fresh = BlockSampler(prepare_corpus(d, tok, progress=False).blocks("train"), 2, 0, seed=5, rank=rank, world=2)
         for m in (0, 3, a.per_epoch + 1):  # a resumed run's sampler starts at any m
             assert _same(a.batch(m).blocks, b.batch(m).blocks) and _same(fresh.batch(m).blocks, a.batch(m).blocks)
             assert np.array_equal(a.batch(m).input_ids, b.batch(m).input_ids)
@@ -166,11 +172,11 @@ def test_a_cached_sampler_is_a_pure_function_of_seed_rank_world_and_index(tmp_pa
 
 _RACER = """
 import sys
-from student_trainer.demo.assets import load_tokenizer
+from student_trainer.demo.assets import named_tokenizer
 from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data_cache import prepare
+from student_trainer.trainer.data.prepared import prepare_corpus
 d = DataConfig.model_validate_json(sys.argv[1])
-print(prepare(d, load_tokenizer("mistral-spm"), progress=False).folder)
+print(prepare_corpus(d, named_tokenizer("mistral-spm"), progress=False).folder)
 """
 
 
@@ -179,7 +185,7 @@ def test_racing_processes_build_once_and_the_others_wait(tmp_path, tok):
     from filelock import FileLock
 
     d = _config(tmp_path, train_files=corpus_files())
-    folder = data_cache.cache_folder(d, data_cache.tokenizer_fingerprint(tok), data_cache.identity(d))
+    folder = cache_folder(d, tokenizer_fingerprint(tok), identity(d))
     folder.parent.mkdir(parents=True)
     logs = [tmp_path / f"racer{i}.err" for i in range(2)]
     lock = FileLock(str(folder) + ".lock")

@@ -1,40 +1,20 @@
-"""Corpus reading (.txt / .jsonl / .parquet through datasets), blocks that carry their exact text, and
-deterministic, disjoint per-rank micro-batches."""
+"""Blocks that carry their exact text, and deterministic, disjoint per-rank micro-batches."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-from student_trainer.demo.assets import load_tokenizer
-from student_trainer.trainer.data import BlockSampler, loss_mask, make_blocks, read_documents, split_documents
+from student_trainer.demo.assets import named_tokenizer
+from student_trainer.trainer.data.blocks import BlockSampler, loss_mask, make_blocks, split_documents
 
 DOCS = ["def f(x):\n    return x + 1\n" * 20, "Plain prose about tokenizers, offsets and blocks. " * 30,
         "Ünïcödé — mixed text 😀 with tabs\tand  double spaces.\n" * 15]
 
 
-def test_reads_text_jsonl_and_parquet_files(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (tmp_path / "a.txt").write_text(DOCS[0])
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": DOCS[1]}) + "\n" + json.dumps({"body": "  "}) + "\n")
-    pq.write_table(pa.table({"body": [DOCS[2]]}), tmp_path / "c.parquet")
-    docs = read_documents([str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")], "body")
-    assert docs == DOCS  # one document per .txt file, one per row; blank rows dropped
-    with pytest.raises(ValueError, match=r"no field 'text'.*\['body'\].*data.text_field"):
-        read_documents([str(tmp_path / "b.jsonl")], "text")
-    with pytest.raises(ValueError, match="unknown extension '.csv'"):
-        read_documents([str(tmp_path / "x.csv")], "text")
-    with pytest.raises(ValueError, match="does not exist"):
-        read_documents([str(tmp_path / "missing.txt")], "text")
-
-
 @pytest.mark.parametrize("name", ["llama-spm", "gpt-2", "mistral-spm"])
 def test_blocks_carry_the_exact_text_their_tokens_cover(name):
-    tok = load_tokenizer(name)
+    tok = named_tokenizer(name)
     blocks = make_blocks(DOCS, tok, seq_len=48, min_tokens=4)
     assert blocks and all(len(b.ids) <= 48 for b in blocks)
     for b in blocks:
@@ -48,7 +28,7 @@ def test_blocks_carry_the_exact_text_their_tokens_cover(name):
 
 
 def test_ranks_read_disjoint_shards_deterministically_and_epochs_reshuffle():
-    tok = load_tokenizer("gpt-2")
+    tok = named_tokenizer("gpt-2")
     blocks = make_blocks(DOCS * 4, tok, seq_len=16, min_tokens=2)
     samplers = [BlockSampler(blocks, 2, 0, seed=3, rank=r, world=2) for r in range(2)]
     epoch = [np.concatenate([s.block_ids(i) for i in range(s.per_epoch)]) for s in samplers]

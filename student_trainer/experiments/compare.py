@@ -1,6 +1,6 @@
 """Paired multi-seed comparison of training modes: one trainer config, run once per mode and seed.
 
-    python -m student_trainer.trainer.compare --config run.yaml --out runs/cmp --seeds 0 1 2 \\
+    python -m student_trainer.experiments.compare --config run.yaml --out runs/cmp --seeds 0 1 2 \\
         --mode clm_only method.lambda_clm=1.0 --mode min_ce method.fusion=min_ce --mode avg_ce method.fusion=avg_ce \\
         [--eval code=code_heldout.jsonl --eval prose=prose_heldout.jsonl]
 
@@ -9,26 +9,34 @@ initialisation in every mode. Perplexity moves by several percent from seed to s
 gain, so what the report compares is the *paired* difference: per seed, each mode against the baseline
 mode (the first). Scores are the trainer's own final held-out evaluation, or, with ``--eval``, each run's
 exported model on each named held-out set. Runs go to ``OUT/<mode>/seed-<s>/``; the report to
-``OUT/comparison.md`` and ``OUT/comparison.json`` (with every run's evaluation curve).
+``OUT/comparison.md`` and ``OUT/comparison.json`` (a :class:`ComparisonRecord`, with every run's evaluation
+curve).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from student_trainer.trainer.seed_stats import (
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from protos.logs import setup_logging
+from student_trainer.experiments.processes import stop_process
+from student_trainer.experiments.seed_stats import (
+    Curves,
     Scores,
     comparison_tables,
     curve_points,
     parse_metrics,
 )
-from student_trainer.trainer.stopping import stop_process
+
+log = logging.getLogger("livefuse.experiments")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,32 @@ class Mode:
 
     name: str
     overrides: tuple[str, ...] = ()
+
+
+class ComparisonRecord(BaseModel):
+    """``comparison.json``: the scores and curves behind ``comparison.md``, versioned (seeds as ints here, as
+    strings in the file)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    version: Literal[1] = 1
+    baseline: str
+    scores: Scores
+    curves: Curves
+
+    @classmethod
+    def read(cls, path: Path) -> ComparisonRecord:
+        return read_record(cls, path)
+
+
+def read_record(cls: type[BaseModel], path: Path):  # noqa: ANN201 - an instance of ``cls``
+    """A versioned JSON record from ``path``; ValueError naming the file when it is of another version or kind."""
+    try:
+        return cls.model_validate_json(Path(path).read_text())
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(f"{path}: not a {cls.__name__} of this livefuse (version "
+                         f"{cls.model_fields['version'].default}): {first['loc']}: {first['msg']}; rerun the "
+                         "command that wrote it") from None
 
 
 STOP_WAIT_S = 30.0  # how long a stopped run may take to checkpoint and exit before it is killed
@@ -54,7 +88,7 @@ def seed_overrides(seed: int) -> list[str]:
 def train_once(config: Path, out_dir: Path, overrides: Sequence[str], env: dict[str, str] | None = None) -> None:
     """One ``livefuse-train`` run as a child process; a failure (or Ctrl-C here) stops it and raises."""
     cmd = [sys.executable, "-m", "student_trainer", "--config", str(config), f"run.output_dir={out_dir}", *overrides]
-    print(f"[compare] $ {' '.join(cmd)}", flush=True)
+    log.info(f"$ {' '.join(cmd)}")
     with subprocess.Popen(cmd, env=env) as proc:
         try:
             if proc.wait() != 0:
@@ -69,7 +103,7 @@ def stop_run(proc: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
     resumes) and kills it if it has not stopped within ``wait_s`` — in its start-up (vocabulary maps,
     DeepSpeed) the next step boundary can be minutes away, and the caller must not hang on Ctrl-C."""
     if stop_process(proc, wait_s):
-        print(f"[compare] the run did not stop within {wait_s:.0f} s: killed (no checkpoint)", flush=True)
+        log.warning(f"the run did not stop within {wait_s:.0f} s: killed (no checkpoint)")
 
 
 def is_done(out_dir: Path) -> bool:
@@ -86,7 +120,7 @@ def run_grid(config: Path, out: Path, modes: Sequence[Mode], seeds: Sequence[int
         for mode in modes:
             target = run_dir(out, mode.name, seed)
             if skip_done and is_done(target):
-                print(f"[compare] {target} is done; skipped", flush=True)
+                log.info(f"{target} is done; skipped")
                 continue
             train_once(config, target, [*mode.overrides, *seed_overrides(seed)], env)
 
@@ -107,7 +141,7 @@ def model_scores(folder: Path, texts: list[str], seq_len: int, n_blocks: int) ->
     blocks of ``texts`` (the one evaluator, :func:`evaluation.nll_sums`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student_trainer.trainer.data import first_blocks
+    from student_trainer.trainer.data.blocks import first_blocks
     from student_trainer.trainer.evaluation import nll_sums, summarise
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -132,21 +166,18 @@ def heldout_scores(out: Path, modes: Sequence[Mode], seeds: Sequence[int], eval_
     return scores
 
 
-def eval_curves(out: Path, modes: Sequence[Mode], seeds: Sequence[int],
-                key: str = "student/perplexity") -> dict[str, dict[int, list[tuple[float, float]]]]:
+def eval_curves(out: Path, modes: Sequence[Mode], seeds: Sequence[int], key: str = "student/perplexity") -> Curves:
     """Per mode and seed, the trainer's periodic evaluations as (training tokens so far, ``key``)."""
     return {m.name: {s: curve_points(parse_metrics((run_dir(out, m.name, s) / "metrics.jsonl").read_text()), key)
                      for s in seeds} for m in modes}
 
 
-def write_report(out: Path, scores: Scores, metrics: Sequence[str], baseline: str,
-                 curves: dict[str, dict[int, list[tuple[float, float]]]]) -> str:
+def write_comparison(out: Path, scores: Scores, metrics: Sequence[str], baseline: str, curves: Curves) -> str:
     """``comparison.md`` (mean ± sd per mode, paired differences against ``baseline``) and ``comparison.json``."""
     text = comparison_tables(scores, metrics, baseline)
     (Path(out) / "comparison.md").write_text(text)
-    payload = {"baseline": baseline, "scores": scores,
-               "curves": {m: {str(s): pts for s, pts in c.items()} for m, c in curves.items()}}
-    (Path(out) / "comparison.json").write_text(json.dumps(payload, indent=2))
+    record = ComparisonRecord(baseline=baseline, scores=scores, curves=curves)
+    (Path(out) / "comparison.json").write_text(record.model_dump_json(indent=2))
     return text
 
 
@@ -162,7 +193,7 @@ def _eval_set(item: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m student_trainer.trainer.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m student_trainer.experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="the trainer config every run starts from")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
@@ -179,13 +210,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, progress: Callable[[str], None] = print) -> int:
+    """Runs the grid and writes the report; ``progress`` gets the report's text (default: stdout)."""
     args = parse_args(argv)
-    from student_trainer.trainer.config import load_trainer_config
-    from student_trainer.trainer.data import read_documents
+    setup_logging("console", "INFO", prefix="compare")
+    from student_trainer.trainer.config import ConfigError, load_trainer_config
+    from student_trainer.trainer.data.documents import read_documents
 
     try:
         config = load_trainer_config(args.config)
-    except (ValueError, OSError) as err:
+    except (ConfigError, OSError) as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
     modes, out = [_mode(m) for m in args.mode], args.out
@@ -196,7 +229,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] = print)
         metrics = [f"{name}_ppl" for name in sets]
     else:
         scores, metrics = trainer_scores(out, modes, args.seeds), ["ppl"]
-    progress(write_report(out, scores, metrics, modes[0].name, eval_curves(out, modes, args.seeds)))
+    progress(write_comparison(out, scores, metrics, modes[0].name, eval_curves(out, modes, args.seeds)))
     return 0
 
 

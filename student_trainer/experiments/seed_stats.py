@@ -1,6 +1,7 @@
 """The arithmetic of a multi-seed comparison (``compare.py``), apart from any I/O: metrics.jsonl parsed,
 mean ± sd per mode, per-seed paired differences against a baseline, evaluation curves against training
-tokens, and how many tokens a curve needs to reach a given perplexity."""
+tokens, and how many tokens a curve needs to reach a given perplexity. Seeds are ints everywhere in Python;
+only JSON files spell them as strings (the records that write them convert, in one place)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import numpy as np
 
 # scores[mode][seed][metric], e.g. scores["min_ce"][0]["code_ppl"]
 Scores = dict[str, dict[int, dict[str, float]]]
+# curves[mode][seed]: (training tokens so far, validation perplexity) per evaluation
+Curves = dict[str, dict[int, list[tuple[float, float]]]]
 
 
 @dataclass(frozen=True)

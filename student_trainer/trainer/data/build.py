@@ -1,32 +1,102 @@
-"""Building a prepared corpus (``data_cache``): documents read by ``datasets``, empty ones dropped and counted,
+"""Building a prepared corpus (``prepared``): documents read by ``datasets``, empty ones dropped and counted,
 long ones cut into pieces, the held-out ones split off; then every piece tokenized (in ``num_proc`` worker
 processes) and cut into blocks, written as flat files in document order — the same bytes whatever
-``num_proc`` is. Everything goes into a ``.partial`` folder that ``data_cache`` renames into place.
+``num_proc`` is. Everything goes into a ``.partial`` folder that ``prepared`` renames into place.
+
+The cache's ``meta.json`` is a typed record (:class:`CorpusMeta`, versioned by ``format``), written here and
+read back by ``prepared`` through the same model: a file of another format or another program is refused
+with a message naming it, never read by guessed keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from student_trainer.trainer.config import DataConfig
-from student_trainer.trainer.data import char_batches, cut_blocks, encode, split_order, text_pieces
-from student_trainer.trainer.data_sources import is_document, load_split
+from student_trainer.trainer.config import ConfigError, DataConfig
+from student_trainer.trainer.data.blocks import char_batches, cut_blocks, encode, split_order, text_pieces
+from student_trainer.trainer.data.documents import is_document, load_split
 
+log = logging.getLogger("livefuse.trainer.data")
+FORMAT_VERSION = 2  # of the files and of meta.json; part of the cache key
 ROWS_PER_TASK = 256  # pieces per tokenizing task (a worker's unit of work)
 SPLITS = ("train", "validation")
 FILES = ("text.bin", "ids.bin", "offsets.bin", "blocks.bin")  # of each split
+Split = Literal["train", "validation"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitMeta(_Record):
+    """One split of a prepared corpus: counts, the token dtype, every file's size, the block table's hash."""
+
+    documents: int
+    empty_skipped: int
+    rows: int              # pieces (long documents are cut at line breaks)
+    tokens: int            # all tokens of the pieces
+    block_tokens: int      # the tokens kept in blocks
+    blocks: int
+    ids_dtype: Literal["uint16", "uint32"]
+    files: dict[str, int]  # file name -> bytes
+    blocks_sha256: str
+    seconds: float
+
+
+class CorpusMeta(_Record):
+    """``meta.json`` of a prepared corpus: what it was built from (the key's inputs) and each split."""
+
+    format: int
+    key: str                # the folder's name: <label>-<hash of the settings>
+    inputs: dict[str, Any]  # data.documents.identity(): files with sizes and mtimes, or a dataset's revision
+    tokenizer: str          # the target tokenizer's fingerprint
+    seq_len: int
+    min_block_tokens: int
+    max_piece_chars: int
+    created: str
+    seconds: float
+    splits: dict[Split, SplitMeta]
+
+    @classmethod
+    def read(cls, folder: Path) -> CorpusMeta:
+        """The record in ``folder/meta.json``; ValueError naming the file and what to do when it is of another
+        format or not a livefuse data cache's (OSError / JSON errors pass through: a half-written file)."""
+        path = folder / "meta.json"
+        text = path.read_text()
+        fix = (f"delete {folder} (the next run or `livefuse-train prepare` rebuilds it) or set data.cache_dir "
+               "to another folder")
+        found = _format_of(text)
+        if found != FORMAT_VERSION:
+            raise ConfigError(f"{path}: a data cache of format {found!r}; this livefuse reads format "
+                             f"{FORMAT_VERSION}: {fix}")
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            raise ConfigError(f"{path}: not the metadata of a livefuse data cache ({err.error_count()} "
+                             f"problem(s), first: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}): {fix}") from None
+
+    def write(self, folder: Path) -> None:
+        (folder / "meta.json").write_text(self.model_dump_json(indent=1))
+
+
+def _format_of(text: str) -> Any:
+    """The ``format`` field of a meta.json text (None if absent); raises ValueError on invalid JSON."""
+    data = json.loads(text)
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def file_sha256(path: Path) -> str:
@@ -210,29 +280,29 @@ def _datasets_bars(show: bool) -> Iterator[None]:
         (bars.disable_progress_bars if was else bars.enable_progress_bars)()
 
 
-def build(d: DataConfig, tokenizer, folder: Path, meta: dict[str, Any], progress: bool,
-          say: Callable[[str], None]) -> None:
-    """Builds the cache into a ``.partial`` folder and renames it into place (the completion marker)."""
+def build(d: DataConfig, tokenizer, folder: Path, header: dict[str, Any], progress: bool) -> CorpusMeta:
+    """Builds the cache into a ``.partial`` folder and renames it into place (the completion marker);
+    ``header``: the :class:`CorpusMeta` fields known before building (format, key, inputs, settings)."""
     for stale in folder.parent.glob(f"{folder.name}.partial-*"):  # left by a killed build (the caller holds the lock)
         shutil.rmtree(stale, ignore_errors=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     try:
-        say(f"preparing the corpus into {folder}")
+        log.info(f"preparing the corpus into {folder}")
         t0 = time.perf_counter()
         with _datasets_bars(progress):
-            counts = _documents(d, partial, meta["inputs"].get("revision"))
-        meta["splits"] = {s: {**counts[s], **_tokenize_split(partial / "tmp" / f"{s}.arrow", partial / s, tokenizer,
-                                                              d, progress)} for s in SPLITS}
+            counts = _documents(d, partial, header["inputs"].get("revision"))
+        splits = {s: SplitMeta(**counts[s], **_tokenize_split(partial / "tmp" / f"{s}.arrow", partial / s, tokenizer,
+                                                              d, progress)) for s in SPLITS}
         shutil.rmtree(partial / "tmp")
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        meta = CorpusMeta(**header, splits=splits, seconds=round(time.perf_counter() - t0, 3))
+        meta.write(partial)
         os.rename(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    size = sum(n for m in meta["splits"].values() for n in m["files"].values())
-    train = meta["splits"]["train"]
-    say(f"prepared {folder} in {meta['seconds']:.1f} s: {train['documents']:,} documents "
-        f"({train['empty_skipped']:,} empty skipped), {train['block_tokens']:,} tokens in {train['blocks']:,} "
-        f"blocks, {size / 1e6:,.1f} MB on disk")
+    size = sum(n for m in meta.splits.values() for n in m.files.values())
+    train = meta.splits["train"]
+    log.info(f"prepared {folder} in {meta.seconds:.1f} s: {train.documents:,} documents ({train.empty_skipped:,} "
+             f"empty skipped), {train.block_tokens:,} tokens in {train.blocks:,} blocks, {size / 1e6:,.1f} MB on disk")
+    return meta

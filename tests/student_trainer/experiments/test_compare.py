@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from student_trainer.trainer.compare import Mode, run_dir, seed_overrides, stop_run
-from student_trainer.trainer.seed_stats import (
+from student_trainer.experiments.compare import ComparisonRecord, Mode, run_dir, seed_overrides, stop_run
+from student_trainer.experiments.seed_stats import (
     Gain,
     comparison_tables,
     curve_points,
@@ -25,8 +25,13 @@ from student_trainer.trainer.seed_stats import (
     share_to_reach,
     tokens_to_reach,
 )
-
-from .helpers import read_metrics, source, subprocess_env, trainer_config, write_config
+from tests.student_trainer.trainer.helpers import (
+    read_metrics,
+    source,
+    subprocess_env,
+    trainer_config,
+    write_config,
+)
 
 METRICS = "\n".join(json.dumps(r) for r in [
     {"step": 1, "loss": 3.0, "tokens": 100.0}, {"step": 2, "loss": 2.5, "tokens": 120.0},
@@ -76,13 +81,13 @@ def test_cli_runs_every_mode_and_seed_and_pairs_them(tmp_path, target, teachers)
                          run={**trainer_config(target, tmp_path, [])["run"], "eval_every": 1, "resume": False})
     path = write_config(cfg, tmp_path / "base.yaml")
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "student_trainer.trainer.compare", "--config", str(path), "--out", str(out),
+    cmd = [sys.executable, "-m", "student_trainer.experiments.compare", "--config", str(path), "--out", str(out),
            "--seeds", "0", "1", "--mode", "clm_only", "method.lambda_clm=1.0", "--mode", "min_ce"]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Paired change against clm_only" in done.stdout and "| min_ce |" in done.stdout
-    report = json.loads((out / "comparison.json").read_text())
-    assert set(report["scores"]) == {"clm_only", "min_ce"} and set(report["scores"]["min_ce"]) == {"0", "1"}
+    report = ComparisonRecord.read(out / "comparison.json")
+    assert set(report.scores) == {"clm_only", "min_ce"} and set(report.scores["min_ce"]) == {0, 1}
     firsts = {}
     for mode in ("clm_only", "min_ce"):
         for seed in (0, 1):
@@ -90,7 +95,7 @@ def test_cli_runs_every_mode_and_seed_and_pairs_them(tmp_path, target, teachers)
             config = json.loads((folder / "config.json").read_text())
             assert (config["train"]["seed"], config["data"]["shuffle_seed"]) == (seed, seed)
             steps, evals = read_metrics(folder)
-            assert [e["step"] for e in evals] == [1, 2] and len(report["curves"][mode][str(seed)]) == 2
+            assert [e["step"] for e in evals] == [1, 2] and len(report.curves[mode][seed]) == 2
             firsts[mode, seed] = steps[0]["clm_loss"]
     assert firsts["clm_only", 0] == pytest.approx(firsts["min_ce", 0], rel=1e-5)  # same blocks, same start
     assert firsts["clm_only", 0] != pytest.approx(firsts["clm_only", 1], rel=1e-5)  # another data order

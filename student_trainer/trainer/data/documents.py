@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from student_trainer.trainer.config import DATA_FILE_KINDS, DataConfig
+from student_trainer.trainer.config import DATA_FILE_KINDS, ConfigError, DataConfig
 
 HUB_TIMEOUT_S = 10.0  # deadline of the one hub call that resolves a dataset's revision
 Split = Literal["train", "validation"]
@@ -38,14 +38,14 @@ def builder_of(name: str) -> str:
     """The ``datasets`` builder that reads a data file, by its extension."""
     suffix = Path(name).suffix.lower()
     if suffix not in DATA_FILE_KINDS:
-        raise ValueError(f"data file {name}: unknown extension {suffix!r}; accepted: {sorted(DATA_FILE_KINDS)}")
+        raise ConfigError(f"data file {name}: unknown extension {suffix!r}; accepted: {sorted(DATA_FILE_KINDS)}")
     return DATA_FILE_KINDS[suffix]
 
 
 def _text_column(ds, field: str, what: str):
     """``ds`` with only the text column, named ``text``."""
     if field not in ds.column_names:
-        raise ValueError(f"{what}: no field {field!r}; fields: {ds.column_names} (set data.text_field)")
+        raise ConfigError(f"{what}: no field {field!r}; fields: {ds.column_names} (set data.text_field)")
     ds = ds.select_columns([field])
     return ds if field == "text" else ds.rename_column(field, "text")
 
@@ -62,7 +62,7 @@ def load_files(files: Sequence[str], text_field: str, *, cache_dir: Path | None 
     for name in files:
         builder = builder_of(name)
         if not Path(name).is_file():
-            raise ValueError(f"data file {name} does not exist")
+            raise ConfigError(f"data file {name} does not exist")
         by_builder.setdefault(builder, []).append(str(Path(name).resolve()))
     parts = []
     for builder, paths in by_builder.items():
@@ -75,6 +75,11 @@ def load_files(files: Sequence[str], text_field: str, *, cache_dir: Path | None 
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def read_documents(files: Sequence[str], text_field: str) -> list[str]:
+    """Texts of all documents in ``files`` (kinds by extension), empty ones dropped, in file order."""
+    return [t for t in load_files(files, text_field)["text"] if is_document(t)]
+
+
 def dataset_kind(name: str) -> Kind:
     """``disk`` (a save_to_disk folder), ``local`` (a folder ``load_dataset`` reads) or ``hub`` (an id)."""
     path = Path(name).expanduser()
@@ -83,7 +88,7 @@ def dataset_kind(name: str) -> Kind:
     if path.exists():
         return "local"
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ValueError(f"data.dataset: folder {name!r} does not exist")
+        raise ConfigError(f"data.dataset: folder {name!r} does not exist")
     return "hub"
 
 
@@ -97,7 +102,7 @@ def hub_revision(name: str, revision: str | None) -> str:
     try:
         return str(HfApi().dataset_info(name, revision=revision, timeout=HUB_TIMEOUT_S).sha)
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ValueError(f"data.dataset: cannot find {name!r} (revision {revision or 'main'}) on the hub: "
+        raise ConfigError(f"data.dataset: cannot find {name!r} (revision {revision or 'main'}) on the hub: "
                          f"{type(err).__name__}: {str(err)[:300]} — check the id and the network, or set "
                          "HF_HUB_OFFLINE=1 to use the copy already in the Hugging Face cache") from None
 
@@ -119,16 +124,27 @@ def check_dataset(d: DataConfig) -> None:
         hub_revision(d.dataset, d.dataset_revision)
         return
     if not os.access(path, os.R_OK | os.X_OK):
-        raise ValueError(f"data.dataset: folder {d.dataset!r} is not readable")
+        raise ConfigError(f"data.dataset: folder {d.dataset!r} is not readable")
     if kind == "disk":
         splits = _disk_splits(path)
         for field, split in (("train_split", d.train_split), ("validation_split", d.validation_split)):
             if split is not None and splits is not None and split not in splits:
-                raise ValueError(f"data.{field}: {d.dataset!r} has no split {split!r}; splits: {splits}")
+                raise ConfigError(f"data.{field}: {d.dataset!r} has no split {split!r}; splits: {splits}")
             if split is not None and splits is None and field == "validation_split":
-                raise ValueError(f"data.validation_split: {d.dataset!r} is a single saved Dataset without splits")
+                raise ConfigError(f"data.validation_split: {d.dataset!r} is a single saved Dataset without splits")
     elif not any(p.is_file() for p in path.rglob("*")):
-        raise ValueError(f"data.dataset: folder {d.dataset!r} holds no files")
+        raise ConfigError(f"data.dataset: folder {d.dataset!r} holds no files")
+
+
+def check_data(d: DataConfig) -> None:
+    """Every data file exists and is readable here, or the dataset is there — what the CLI checks before a
+    run or ``prepare`` starts (the config model itself does no I/O)."""
+    for field in ("train_files", "validation_files"):
+        for path in getattr(d, field):
+            if not Path(path).is_file() or not os.access(path, os.R_OK):
+                raise ConfigError(f"data.{field}: data file {path!r} does not exist or is not readable")
+    if d.dataset is not None:
+        check_dataset(d)
 
 
 def _files_identity(paths: Sequence[Path]) -> list[list[Any]]:
@@ -175,7 +191,7 @@ def load_named(d: DataConfig, split: str, *, streaming: bool, cache_dir: Path | 
                                        revision=(revision or d.dataset_revision) if kind == "hub" else None,
                                        cache_dir=None if kind == "hub" or cache_dir is None else str(cache_dir))
     except (KeyError, ValueError, OSError, ConnectionError) as err:
-        raise ValueError(f"{what}: cannot load it: {type(err).__name__}: {str(err)[:500]}") from None
+        raise ConfigError(f"{what}: cannot load it: {type(err).__name__}: {str(err)[:500]}") from None
     return _text_column(ds, d.text_field, what)
 
 
