@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 
-from protos import teacher_pb2 as pb
+from protos.service import TEACHER_SERVICE
 from teacher_server.metrics import TeacherMetrics
 
 DENIED = "missing or invalid bearer token"
-TEACHER_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Teacher'].full_name}/"  # its only stream-request: ScoreStream
+TEACHER_PREFIX = f"/{TEACHER_SERVICE}/"  # its only stream-request: ScoreStream
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 Deserializer = Callable[[bytes], Any]
 

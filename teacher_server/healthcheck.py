@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-TEACHER_SERVICE = "livefuse.v1.Teacher"
+from protos.service import TEACHER_SERVICE
 
 
 def build_parser() -> argparse.ArgumentParser:

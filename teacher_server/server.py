@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
+from protos.service import TEACHER_SERVICE
 from protos.vocabulary import detect_conventions
 from teacher_server.backends import load_backend
 from teacher_server.backends.base import Backend, BackendDead, EngineBackend, ScoreOutput
@@ -35,7 +36,6 @@ from teacher_server.servicer import TeacherServicer
 from teacher_server.tokenizer import TeacherTokenizer
 
 log = logging.getLogger("livefuse.teacher.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
 
 
 def _server_version() -> str:
@@ -105,9 +105,9 @@ class TeacherServer:
         pb_grpc.add_TeacherServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (TEACHER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        for name in ("", SERVICE_NAME):
+        for name in ("", TEACHER_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
@@ -149,7 +149,7 @@ class TeacherServer:
                 await self.batcher.submit(batch, info.max_top_k)
             log.info("warmed up", extra={"fields": {"seconds": round(time.perf_counter() - t0, 3)}})
         self.servicer.attach(info, tokenizer, self.batcher)
-        for name in ("", SERVICE_NAME):
+        for name in ("", TEACHER_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"model": info.model_name, "vocab_size": info.vocab_size,
                                               "fingerprint": info.tokenizer_fingerprint}})
@@ -180,7 +180,7 @@ class TeacherServer:
         log.error("backend died: the server stops serving and exits", extra={"fields": {"error": str(dead)}})
         self.dead.set()
         self._dying = asyncio.ensure_future(asyncio.gather(
-            *(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING) for name in ("", SERVICE_NAME))))
+            *(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING) for name in ("", TEACHER_SERVICE))))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, refuses new RPCs and waits up to ``grace`` s for in-flight ones."""

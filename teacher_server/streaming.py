@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from protos import teacher_pb2 as pb
 from teacher_server.gate import UnparseableMessage
 
-ScoreFn = Callable[[pb.ScoreRequest], Awaitable[pb.ScoreResponse]]
+ScoreRpc = Callable[[pb.ScoreRequest], Awaitable[pb.ScoreResponse]]
 
 
 class StreamBroken(Exception):
@@ -42,7 +42,7 @@ class _Window:
             self._changed.notify_all()
 
 
-async def serve_stream(requests: AsyncIterator[pb.ScoreRequest], score: ScoreFn, max_pending: int,
+async def serve_stream(requests: AsyncIterator[pb.ScoreRequest], score: ScoreRpc, max_pending: int,
                        max_unsent_bytes: int) -> AsyncIterator[pb.ScoreResponse]:
     """Scores each request as it arrives and yields responses as they finish. When a message does not parse
     (or reading fails otherwise), nothing after it is read, every request before it is answered, and then

@@ -46,7 +46,7 @@ def split_domains(source: str) -> tuple[str, str]:
     return code, "\n".join(prose)
 
 
-SPLITS = ("train", "valid", "heldout")
+FILE_SPLITS = ("train", "valid", "heldout")
 
 
 def write_corpus(out_dir: Path, held_out: float = 0.1, validation: float = 0.1, seed: int = 0,
@@ -54,7 +54,7 @@ def write_corpus(out_dir: Path, held_out: float = 0.1, validation: float = 0.1, 
     """Writes {code,prose}_{train,valid,heldout}.jsonl into ``out_dir`` (once); returns name -> path. The
     held-out files are the first ``held_out`` of a seeded permutation of the standard library's files, the
     validation files the next ``validation``, the rest is training text."""
-    names = [f"{d}_{s}" for d in ("code", "prose") for s in SPLITS]
+    names = [f"{d}_{s}" for d in ("code", "prose") for s in FILE_SPLITS]
     paths = {n: out_dir / f"{n}.jsonl" for n in names}
     if all(p.exists() for p in paths.values()):
         return paths

@@ -26,9 +26,8 @@ import grpc
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.scores import TeacherScores, decode_scores
+from protos.service import TEACHER_SERVICE
 from student_trainer.trainer.config import ConfigError
-
-TEACHER_SERVICE = "livefuse.v1.Teacher"
 
 
 def service_config(max_attempts: int) -> dict:

@@ -22,7 +22,7 @@ from student_trainer.trainer.prefetch import FusedBatch, Prefetcher
 from student_trainer.trainer.run_setup import Run, build_run
 from student_trainer.trainer.sources import SourceChanged, SourceFailed
 from student_trainer.trainer.stats import FusionStats, StepRecord
-from student_trainer.trainer.stopping import Interrupted, Position, StopFlag
+from student_trainer.trainer.stopping import Interrupted, RunPosition, StopFlag
 
 
 def _tensor(x, device: torch.device) -> torch.Tensor:
@@ -71,7 +71,7 @@ def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None) -
     return StepRecord(0, loss, clm, fuse, float(count[0]), fusion=FusionStats.total([p.stats for p in window]))
 
 
-def _run_steps(run: Run, prefetcher: Prefetcher, at: Position, stop: StopFlag) -> None:
+def _run_steps(run: Run, prefetcher: Prefetcher, at: RunPosition, stop: StopFlag) -> None:
     """Steps until ``max_steps``; ``at`` always names the last completed step (for a checkpoint on exit)."""
     cfg, ckpt_dir = run.config.run, Path(run.config.run.output_dir) / "checkpoints"
     gas = run.engine.gradient_accumulation_steps()
@@ -98,7 +98,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
     """
     run = build_run(config)
     ckpt_dir = Path(config.run.output_dir) / "checkpoints"
-    at, prefetcher = Position(), None
+    at, prefetcher = RunPosition(), None
     with StopFlag() as stop:
         try:
             resumed = checkpoint.load(run.engine, ckpt_dir) if config.run.resume else None

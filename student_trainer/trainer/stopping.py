@@ -19,7 +19,7 @@ class Interrupted(RuntimeError):
 
 
 @dataclass
-class Position:
+class RunPosition:
     """The last completed optimizer step and the index of the next micro-batch to train on."""
 
     step: int = 0

@@ -27,15 +27,20 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from student_trainer.trainer.config import ConfigError, DataConfig
-from student_trainer.trainer.data.blocks import char_batches, cut_blocks, encode, split_order, text_pieces
-from student_trainer.trainer.data.documents import is_document, load_split
+from student_trainer.trainer.data.blocks import (
+    char_batches,
+    cut_blocks,
+    split_order,
+    text_pieces,
+    tokenize_texts,
+)
+from student_trainer.trainer.data.documents import Split, is_document, load_split
 
 log = logging.getLogger("livefuse.trainer.data")
 FORMAT_VERSION = 2  # of the files and of meta.json; part of the cache key
 ROWS_PER_TASK = 256  # pieces per tokenizing task (a worker's unit of work)
 SPLITS = ("train", "validation")
 FILES = ("text.bin", "ids.bin", "offsets.bin", "blocks.bin")  # of each split
-Split = Literal["train", "validation"]
 
 
 class _Record(BaseModel):
@@ -193,7 +198,7 @@ def _tokenize_rows(task: tuple[int, int]) -> _Part:
     a, b = task
     texts = docs[a:b]["text"]
     raw, ids, offs, table, kept, tokens, at = [], [], [], [], 0, 0, 0
-    encoded = (pair for batch in char_batches(texts) for pair in encode(tokenizer, batch))
+    encoded = (pair for batch in char_batches(texts) for pair in tokenize_texts(tokenizer, batch))
     for row, (text, (text_ids, text_offs)) in enumerate(zip(texts, encoded, strict=True), start=a):
         data, byte_at = _utf8(text)
         tokens += len(text_ids)

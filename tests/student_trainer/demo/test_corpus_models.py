@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from student_trainer.demo.corpus import SPLITS, read_jsonl, write_corpus, write_mixed_validation
+from student_trainer.demo.corpus import FILE_SPLITS, read_jsonl, write_corpus, write_mixed_validation
 from student_trainer.demo.models import Recipe
 
 
 def test_splits_are_disjoint_by_file_and_the_held_out_files_stay_put(tmp_path):
     paths = write_corpus(tmp_path / "c", held_out=0.1, validation=0.1, max_files=60)
-    assert set(paths) == {f"{d}_{s}" for d in ("code", "prose") for s in SPLITS}
+    assert set(paths) == {f"{d}_{s}" for d in ("code", "prose") for s in FILE_SPLITS}
     texts = {name: read_jsonl(path) for name, path in paths.items()}
     for domain in ("code", "prose"):
-        sets = [set(texts[f"{domain}_{s}"]) for s in SPLITS]
+        sets = [set(texts[f"{domain}_{s}"]) for s in FILE_SPLITS]
         assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     # the held-out (test) files are the first of the seeded permutation whatever the validation share
     again = write_corpus(tmp_path / "d", held_out=0.1, validation=0.0, max_files=60)

@@ -42,6 +42,28 @@ def test_bad_config_exits_2_naming_the_field(override, message, tmp_path, target
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+def test_a_bug_is_a_traceback_and_exit_1_only_a_setting_is_exit_2(tmp_path, target, monkeypatch, capsys):
+    """A ValueError from a bug (a shape, zip(strict=True)) is not a bad config: it propagates (Python prints the
+    traceback, exit 1); a ConfigError found when the run starts is one line and exit 2."""
+    from student_trainer.trainer import loop
+    from student_trainer.trainer.config import ConfigError
+
+    argv = _argv(tmp_path, target, [], "method.lambda_clm=1")
+
+    def bug(_config):
+        raise ValueError("operands could not be broadcast together with shapes (4,) (3,)")
+
+    monkeypatch.setattr(loop, "train", bug)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        main(argv)
+
+    def too_little_data(_config):
+        raise ConfigError("5 blocks are too few for 2 rank(s) x micro batch 4")
+
+    monkeypatch.setattr(loop, "train", too_little_data)
+    assert main(argv) == 2 and "livefuse-train: 5 blocks are too few" in capsys.readouterr().err
+
+
 def test_missing_data_file_exits_2(tmp_path, target, capsys):
     assert main(_argv(tmp_path, target, [], "method.lambda_clm=1", f"data.train_files=[{tmp_path}/nope.txt]")) == 2
     assert f"data.train_files: data file '{tmp_path}/nope.txt' does not exist or is not readable" \

@@ -258,3 +258,20 @@ def test_two_ranks_share_one_build_and_log_the_skipped_documents(tmp_path, targe
     assert '"empty_documents_skipped": 2' in log and '"documents": 4' in log  # the start-up log counts them
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert problem(folder) is None
+
+
+@pytest.mark.parametrize("change", ["older format", "foreign file", "another cache's"])
+def test_a_cache_of_another_format_or_program_is_refused_naming_the_file(tmp_path, tok, change):
+    d = _config(tmp_path, train_files=[str(_jsonl(tmp_path / "a.jsonl", DOCS))])
+    folder = prepare_corpus(d, tok, progress=False).folder
+    meta = json.loads((folder / "meta.json").read_text())
+    if change == "older format":
+        meta["format"] = 1
+    elif change == "foreign file":
+        meta = {"format": meta["format"], "name": "someone else's"}
+    else:
+        meta["key"] = "other-0123"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{folder}/meta.json: .*delete {folder}"):
+        prepare_corpus(d, tok, progress=False)
+    assert (folder / "train" / "ids.bin").exists()  # refused, never deleted: it may be someone else's
