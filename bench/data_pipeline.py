@@ -106,18 +106,18 @@ def child_new_prepare(path: str, cache: str, procs: int) -> dict:
 
     from student_trainer.demo.assets import named_tokenizer
     from student_trainer.trainer.config import DataConfig
-    from student_trainer.trainer.data.prepared import prepare
+    from student_trainer.trainer.data.prepared import prepare_corpus
 
     tok = named_tokenizer(TOKENIZER)
     d = DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN, num_proc=procs)
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
-    meta = prepare(d, tok, progress=False).meta
+    meta = prepare_corpus(d, tok, progress=False).meta
     seconds = time.perf_counter() - t0
-    splits = meta["splits"].values()
-    return {"seconds": seconds, "tokens": sum(s["block_tokens"] for s in splits),
-            "bytes": sum(n for s in splits for n in s["files"].values()),
-            "text_bytes": sum(s["files"]["text.bin"] for s in splits),
+    splits = meta.splits.values()
+    return {"seconds": seconds, "tokens": sum(s.block_tokens for s in splits),
+            "bytes": sum(n for s in splits for n in s.files.values()),
+            "text_bytes": sum(s.files["text.bin"] for s in splits),
             "base_rss": base, "peak_rss": _status()["VmHWM"] - base,
             "workers_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
@@ -130,12 +130,12 @@ def child_new_open(path: str, cache: str) -> dict:
     from student_trainer.demo.assets import named_tokenizer
     from student_trainer.trainer.config import DataConfig
     from student_trainer.trainer.data.blocks import BlockSampler
-    from student_trainer.trainer.data.prepared import prepare
+    from student_trainer.trainer.data.prepared import prepare_corpus
 
     tok = named_tokenizer(TOKENIZER)
     base = _status()
     t0 = time.perf_counter()
-    blocks = prepare(DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN), tok, progress=False
+    blocks = prepare_corpus(DataConfig(train_files=[path], cache_dir=cache, seq_len=SEQ_LEN), tok, progress=False
                      ).blocks("train")
     sampler = BlockSampler(blocks, 1, 0, seed=0, rank=0, world=2)
     sampler.batch(0)

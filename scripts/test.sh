@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"  #
 export MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-1073741824}"
 echo "[test] ruff"
 ruff check .
-echo "[test] import contracts (the layers of DESIGN.md; pyproject.toml [tool.importlinter])"
+echo "[test] import contracts (the layers of docs/ARCHITECTURE.md; pyproject.toml [tool.importlinter])"
 lint-imports --no-cache
 echo "[test] deptry (every declared dependency used, every import declared)"
 deptry .

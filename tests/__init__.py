@@ -1,4 +1,4 @@
-"""livefuse's tests: the tree mirrors the packages (protos/, teacher_server/, student_trainer/{core,trainer,demo})."""
+"""livefuse's tests: the tree mirrors the packages (protos/, teacher_server/, student_trainer/{core,trainer,experiments,demo})."""
 
 from pathlib import Path
 
