@@ -37,7 +37,8 @@ class Source:
     def __init__(self, config: SourceConfig, client: TeacherClient, info: pb.TeacherInfo, pair: VocabPair) -> None:
         self.config, self.name = config, config.name
         self.client, self.info, self.pair = client, info, pair
-        self._broken_since: float | None = None
+        self._broken_since: float | None = None  # shared by the prefetch threads: read and written under _lock
+        self._lock = threading.Lock()
         self._closed = threading.Event()
 
     @classmethod
@@ -87,9 +88,10 @@ class Source:
                 raise SourceFailed(f"source {self.name!r} was closed")
             try:
                 result = self._score(texts)
-                if self._broken_since is not None:
+                with self._lock:
+                    was_broken, self._broken_since = self._broken_since is not None, None
+                if was_broken:
                     log.warning("source back", extra={"fields": {"source": self.name}})
-                    self._broken_since = None
                 return result
             except FingerprintMismatch as err:  # checked on every response, retries or not
                 raise SourceChanged(
@@ -108,8 +110,12 @@ class Source:
     def _on_failure(self, err: grpc.RpcError, backoff: float) -> float:
         """Applies the policy; returns the next backoff, or -1 to skip."""
         now = time.monotonic()
-        if self._broken_since is None:
-            self._broken_since = now
+        with self._lock:  # another thread's success may reset the mark at any moment: keep this thread's view
+            first = self._broken_since is None
+            if first:
+                self._broken_since = now
+            broken_since = self._broken_since
+        if first:
             log.warning("source failing", extra={"fields": {"source": self.name, "code": err.code().name,
                                                             "details": err.details(),
                                                             "policy": self.config.failure}})
@@ -118,7 +124,7 @@ class Source:
             raise SourceFailed(what)
         if self.config.failure == "skip":  # counted per sequence in the step metrics (skipped/<name>)
             return -1
-        if now - self._broken_since > self.config.wait_max_s:
+        if now - broken_since > self.config.wait_max_s:
             raise SourceFailed(f"{what}; it did not come back within wait_max_s={self.config.wait_max_s}")
         self._closed.wait(backoff)  # close() ends the wait
         return min(backoff * 2, 10.0)

@@ -177,3 +177,48 @@ def test_close_ends_a_waiting_fetch_at_once():
     with pytest.raises(SourceFailed, match="was closed"):
         source.fetch(["x"])
     assert time.perf_counter() - t0 < 5 and source.client.closed
+
+
+def test_a_success_on_another_thread_while_one_handles_a_failure_is_no_crash(monkeypatch):
+    """Defect: ``_broken_since`` was read and written by several prefetch threads without a lock. Thread A
+    fails and marks the source broken; before it compares the time, thread B succeeds and resets the mark:
+    A computed ``now - None`` (TypeError, which the loop does not catch: the run was lost)."""
+    from student_trainer.trainer import sources as sources_module
+
+    a_marked, b_done = threading.Event(), threading.Event()
+    real_warning = sources_module.log.warning
+
+    def warning(msg, *args, **kwargs):
+        real_warning(msg, *args, **kwargs)
+        if msg == "source failing":  # thread A, between marking the source broken and reading the mark back
+            a_marked.set()
+            assert b_done.wait(10), "thread B never finished"
+
+    class PerThreadClient(FakeClient):
+        def score(self, texts, **kwargs):
+            self.calls += 1
+            if threading.current_thread().name == "A" and self.calls == 1:
+                raise _RpcError(grpc.StatusCode.UNAVAILABLE)
+            return []
+
+    monkeypatch.setattr(sources_module.log, "warning", warning)
+    source = Source(SourceConfig(name="s", endpoints=["h:1"], failure="wait"), PerThreadClient([]),
+                    pb.TeacherInfo(tokenizer_fingerprint="sha256:x"), PAIR)
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = source.fetch([name])
+        except Exception as err:  # noqa: BLE001 - the test reports whatever escaped
+            results[name] = err
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    assert a_marked.wait(10)
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    b.join(10)
+    b_done.set()
+    a.join(10)
+    assert not a.is_alive() and not b.is_alive()
+    assert results == {"A": [], "B": []}, results
