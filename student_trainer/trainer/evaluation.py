@@ -47,15 +47,20 @@ def teacher_sums(next_logprobs: Sequence[np.ndarray], offsets: Sequence[np.ndarr
     return sums
 
 
-def source_sums(source: Source, blocks: Sequence[Block]) -> np.ndarray:
-    """:func:`teacher_sums` of a source on the texts of ``blocks``."""
-    outputs = source.fetch([b.text for b in blocks]) or []
+def source_sums(source: Source, blocks: Sequence[Block]) -> np.ndarray | None:
+    """:func:`teacher_sums` of a source on the texts of ``blocks``; None when the source was skipped (down,
+    policy ``skip``). Raises the source's SourceFailed / SourceChanged."""
+    if not blocks:
+        return np.zeros(3)
+    outputs = source.fetch([b.text for b in blocks])
+    if outputs is None:
+        return None
     return teacher_sums([o.next_logprobs for o in outputs], [o.tokens.offsets for o in outputs])
 
 
 def summarise(sums: np.ndarray) -> dict[str, float]:
     nll, tokens, chars = (float(x) for x in sums)
-    if tokens == 0:
+    if not tokens > 0:  # nothing scored, or NaN (a source that was down)
         return {"ce_per_token": float("nan"), "perplexity": float("nan"), "nats_per_char": float("nan")}
     return {"ce_per_token": nll / tokens, "perplexity": math.exp(min(nll / tokens, 50.0)),
             "nats_per_char": nll / max(chars, 1)}

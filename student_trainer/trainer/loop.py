@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from student_trainer.core.losses import clm_and_fusion_loss, clm_loss
 from student_trainer.trainer import checkpoint
+from student_trainer.trainer.agreement import SourceError, agreed_failure, failure_flag
 from student_trainer.trainer.config import TrainerConfig
 from student_trainer.trainer.prefetch import FusedBatch, Prefetcher
 from student_trainer.trainer.run_setup import Run, build_run
@@ -44,18 +45,34 @@ def micro_loss(run: Run, p: FusedBatch, num_tokens: float) -> tuple[torch.Tensor
     return loss, float(clm), float(fuse)
 
 
+def _fetch_window(prefetcher: Prefetcher, gas: int, stop: StopFlag | None,
+                  world: int) -> tuple[list[FusedBatch], SourceError | None]:
+    """The step's micro-batches, or the source error that stopped fetching them (kept, not raised: the ranks
+    agree on it first)."""
+    window: list[FusedBatch] = []
+    try:
+        for _ in range(gas):
+            window.append(prefetcher.get(stop if world == 1 else None))  # more ranks: they agree on a stop below
+    except (SourceFailed, SourceChanged) as err:
+        return window, err
+    return window, None
+
+
 def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None) -> StepRecord:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
-    All micro-batches are fetched before any update, so a failure (or a stop request) loses nothing; the
-    ranks agree on a stop request in the same all-reduce as the token count, and then no rank updates.
+    All micro-batches are fetched before any update, so a failure (or a stop request) loses nothing. The
+    ranks agree on a stop request and on a source failure in the same all-reduce as the token count (see
+    ``agreement``): then no rank updates, and every rank raises the same error.
     """
     gas, world = run.engine.gradient_accumulation_steps(), run.world
-    window = [prefetcher.get(stop if world == 1 else None) for _ in range(gas)]  # more ranks: they agree below
-    count = torch.tensor([float(sum(p.loss_mask.sum() for p in window)), float(bool(stop and stop.requested))],
-                         device=run.engine.device)
+    window, failure = _fetch_window(prefetcher, gas, stop, world)
+    count = torch.tensor([float(sum(p.loss_mask.sum() for p in window)), float(bool(stop and stop.requested)),
+                          failure_flag(failure)], device=run.engine.device)
     if world > 1:
         dist.all_reduce(count)
+    if count[2] > 0:
+        raise agreed_failure(failure, run.rank, world)
     if count[1] > 0:
         raise Interrupted("stop requested")
     num_tokens = max(float(count[0]), 1.0) / (gas * world)  # DeepSpeed divides by gas and averages over ranks

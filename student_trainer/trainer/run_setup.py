@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from protos.vocabulary import raw_vocab, tokenizer_fingerprint
 from student_trainer.trainer import evaluation
+from student_trainer.trainer.agreement import agreed_failure, failure_flag
 from student_trainer.trainer.config import TrainerConfig
 from student_trainer.trainer.data.blocks import Block, BlockSampler, Sampler, load_target_tokenizer
 from student_trainer.trainer.data.prepared import prepare_corpus
@@ -23,7 +24,7 @@ from student_trainer.trainer.engine_config import engine_config
 from student_trainer.trainer.extensions import clear_stale_locks
 from student_trainer.trainer.prefetch import Prefetcher
 from student_trainer.trainer.run_log import RunLogger
-from student_trainer.trainer.sources import Source
+from student_trainer.trainer.sources import Source, SourceChanged, SourceFailed
 from student_trainer.trainer.vocab_cache import default_vocab_dir
 
 
@@ -59,20 +60,40 @@ class Run:
         """Student and sources on this rank's share of the held-out blocks, summed over ranks."""
         blocks = self.val_blocks[: self.config.run.eval_blocks][self.rank::self.world]
         micro = self.engine.train_micro_batch_size_per_gpu()
-        out = {f"student/{k}": v for k, v in self._reduced(
-            evaluation.nll_sums(self.engine, blocks, self.tokenizer.pad_token_id, micro)).items()}
+        student = self._summed(evaluation.nll_sums(self.engine, blocks, self.tokenizer.pad_token_id, micro))
+        out = {f"student/{k}": v for k, v in evaluation.summarise(student).items()}
         for source in self.sources:
-            if source.name not in self._source_eval:  # teachers are frozen: score the held-out text once
-                self._source_eval[source.name] = evaluation.source_sums(source, blocks)
-            out.update({f"{source.name}/{k}": v for k, v in self._reduced(self._source_eval[source.name]).items()})
+            out.update({f"{source.name}/{k}": v for k, v in evaluation.summarise(self._source_eval_sums(source,
+                                                                                                        blocks)).items()})
         return out
 
-    def _reduced(self, sums: np.ndarray) -> dict[str, float]:
+    def _source_eval_sums(self, source: Source, blocks: Sequence[Block]) -> np.ndarray:
+        """A source's sums over all ranks' held-out blocks. Teachers are frozen, so a success is kept for the
+        rest of the run; a skip (the source was down) gives NaN now and is asked again next time. The ranks
+        agree on a failure before anything else happens (see ``agreement``)."""
+        if source.name in self._source_eval:
+            return self._source_eval[source.name]
+        sums, failure = None, None
+        try:
+            sums = evaluation.source_sums(source, blocks)
+        except (SourceFailed, SourceChanged) as err:
+            failure = err
+        local = np.zeros(3) if sums is None else sums
+        total = self._summed(np.array([*local, float(sums is None and failure is None), failure_flag(failure)]))
+        if total[4] > 0:
+            raise agreed_failure(failure, self.rank, self.world)
+        if total[3] > 0:  # skipped on some rank: no score this time
+            return np.full(3, np.nan)
+        self._source_eval[source.name] = total[:3]
+        return total[:3]
+
+    def _summed(self, sums: np.ndarray) -> np.ndarray:
+        """``sums`` added over the ranks."""
         if self.world > 1:
             t = torch.tensor(sums, dtype=torch.float64, device=self.engine.device)
             dist.all_reduce(t)
             sums = t.cpu().numpy()
-        return evaluation.summarise(sums)
+        return sums
 
     def export(self, folder: Path) -> None:
         """save_pretrained (model + tokenizer) that plain transformers loads; gathers ZeRO-3 shards."""

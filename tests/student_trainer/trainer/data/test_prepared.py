@@ -172,9 +172,11 @@ def test_a_cached_sampler_is_a_pure_function_of_seed_rank_world_and_index(tmp_pa
 
 _RACER = """
 import sys
+from protos.logs import setup_logging
 from student_trainer.demo.assets import named_tokenizer
 from student_trainer.trainer.config import DataConfig
 from student_trainer.trainer.data.prepared import prepare_corpus
+setup_logging("console", "INFO")  # the process shows the cache's messages, as livefuse-train does
 d = DataConfig.model_validate_json(sys.argv[1])
 print(prepare_corpus(d, named_tokenizer("mistral-spm"), progress=False).folder)
 """
