@@ -42,6 +42,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def _json_record(line: str) -> dict | None:
+    """A teacher's JSON log line as a dict; None for anything else (a library's plain line, a traceback, a
+    line that only starts like JSON): the pump must go on reading, or the child blocks on a full pipe."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class TeacherProcess:
     def __init__(self, model: str | Path, *args: str, name: str = "teacher", startup_timeout: float = 300.0,
                  log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
@@ -68,8 +80,8 @@ class TeacherProcess:
             if sink:
                 sink.write(line)
                 sink.flush()
-            if line.startswith("{"):
-                record = json.loads(line)
+            record = _json_record(line)
+            if record is not None:
                 self.port = record.get("port", self.port)
                 if record.get("msg") == "serving":
                     self._ready.set()
