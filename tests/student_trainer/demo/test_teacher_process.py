@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from student_trainer.demo.teacher_process import TeacherProcess
 
@@ -33,5 +34,9 @@ def test_a_line_that_is_not_json_does_not_stop_the_log_pump(tmp_path):
         assert proc.proc is not None and proc.proc.wait(timeout=60) == 0  # wrote all of its log: nothing blocked
     finally:
         proc.stop()
-    lines = (tmp_path / "teacher.log").read_text().splitlines()
-    assert lines[0].startswith("{ not JSON") and json.loads(lines[-1]) == {"msg": "done"}
+    log, deadline = tmp_path / "teacher.log", time.monotonic() + 60  # the pump copies the rest after the exit
+    while not log.read_text().endswith('{"msg": "done"}\n'):
+        assert time.monotonic() < deadline, "the pump stopped copying the child's log"
+        time.sleep(0.05)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("{ not JSON") and json.loads(lines[-1]) == {"msg": "done"} and len(lines) == 20_006
