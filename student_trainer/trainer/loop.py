@@ -124,6 +124,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 run.logger.info(f"resumed from step {at.step} (micro-batch {at.micro_index})")
             run.logger.open_metrics(after_step=at.step)
             fusing = run.sources if config.method.lambda_clm < 1.0 else []  # λ = 1: nothing to fetch
+            run.sampler.seek(at.micro_index)  # a stream skips what a resumed run has trained on
             prefetcher = Prefetcher(run.sampler.batch, fusing, config.method, at.micro_index,
                                     config.run.prefetch_depth)
             _run_steps(run, prefetcher, at, stop)

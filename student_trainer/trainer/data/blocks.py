@@ -50,6 +50,9 @@ class Sampler(Protocol):
 
     per_epoch: int | None  # micro-batches per epoch (None: a stream of unknown length)
 
+    def seek(self, index: int) -> None:
+        """The run starts (or resumes) at micro-batch ``index``; earlier ones will not be asked for."""
+
     def batch(self, index: int) -> Batch: ...
 
 
@@ -193,6 +196,9 @@ class BlockSampler:
         """Indices into ``blocks`` of micro-batch ``index`` (any index: epochs repeat with new orders)."""
         epoch, i = divmod(index, self.per_epoch)
         return self._mine(epoch)[i * self.micro_batch:(i + 1) * self.micro_batch]
+
+    def seek(self, index: int) -> None:
+        """Nothing to do: any micro-batch is read directly."""
 
     def batch(self, index: int) -> Batch:
         return collate(index, [self.blocks[int(j)] for j in self.block_ids(index)], self.pad_id)

@@ -16,8 +16,8 @@ What streaming gives up, and what it keeps:
   the first ``run.eval_blocks`` blocks of it are kept in memory.
 - **Resume stays exact**: micro-batch m of rank r is the m-th group of blocks of the rank's stream, a pure
   function of (seed, r, world, m) as long as the input does not change. A resumed run replays the rank's
-  stream from its start up to m (reading and tokenizing, no teacher calls, no steps): exact, at a cost that
-  grows with the position.
+  stream from its start up to m (``seek``: reading and tokenizing, no teacher calls, no steps, nothing kept):
+  exact, at a cost that grows with the position.
 """
 
 from __future__ import annotations
@@ -66,6 +66,21 @@ class StreamSampler:
             if empty:
                 raise ConfigError("this rank's share of the data stream holds no blocks; add data or lower "
                                  "data.seq_len / data.min_block_tokens")
+
+    def seek(self, index: int) -> None:
+        """Positions the stream at micro-batch ``index`` (a resumed run's first): the ones before it are read
+        and dropped, never collated or kept."""
+        with self._lock:
+            while self._next < index:
+                for _ in islice(self._blocks, self.micro_batch):
+                    pass
+                self._next += 1
+            self._ready = {i: b for i, b in self._ready.items() if i >= index}
+
+    def held(self) -> int:
+        """Micro-batches cut from the stream and not handed out yet (the prefetch window)."""
+        with self._lock:
+            return len(self._ready)
 
     def batch(self, index: int) -> Batch:
         with self._lock:
