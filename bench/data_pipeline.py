@@ -151,13 +151,13 @@ def child_old_blocks(path: str) -> dict:
     """The old ``_data``: every document read into memory, tokenized at once, one Python Block per block."""
     import datasets  # noqa: F401 - read_documents imports it on first use: not part of the blocks' cost
 
-    from student_trainer.demo.assets import named_tokenizer
+    # the old commit's tree (its module and function names, not this checkout's)
+    from student_trainer.demo.assets import load_tokenizer
     from student_trainer.trainer import data
-    from student_trainer.trainer.data.blocks import make_blocks, split_documents
-    from student_trainer.trainer.data.documents import read_documents
+    from student_trainer.trainer.data import make_blocks, read_documents, split_documents
 
     assert not hasattr(data, "iter_blocks"), f"{data.__file__} is not the code of {OLD_COMMIT}"
-    tok = named_tokenizer(TOKENIZER)
+    tok = load_tokenizer(TOKENIZER)
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
     train, val = split_documents(read_documents([path], "text"), 0.05, 0)

@@ -51,8 +51,8 @@ except Exception as e:
     print(f"MISSING protos stubs: {type(e).__name__}: {e}")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-from student_trainer.demo.assets import cache_dir
-tok = cache_dir() / "tokenizers" / "llama-spm" / "tokenizer_config.json"
+from student_trainer.paths import cache_root
+tok = cache_root() / "tokenizers" / "llama-spm" / "tokenizer_config.json"
 print(("ok      " if tok.exists() else "MISSING ") + f"llama-spm tokenizer at {tok.parent} (carry .bench-cache)")
 if missing or not tok.exists() or not torch.cuda.is_available():
     sys.exit("gpu_check: not runnable here: needs CUDA and everything above ok; carry what is MISSING (see this script's header)")

@@ -194,11 +194,11 @@ def run_phase(run, depth: int, steps: int, warmup: int, teacher_pids: list[int])
         if i == warmup:
             cpu0, tcpu0, sched0 = time.process_time(), _cpu_seconds(teacher_pids), _thread_sched()
         t0, w0 = time.perf_counter(), pf.wait_seconds
-        metrics = train_step(run, pf)
+        record = train_step(run, pf)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             waits.append(pf.wait_seconds - w0)
-            fetch.append(metrics.get("teacher_seconds", 0.0))
+            fetch.append(record.fusion.teacher_seconds)
     cpu, tcpu = (time.process_time() - cpu0) / steps, (_cpu_seconds(teacher_pids) - tcpu0) / steps
     on_cpu, queued = ((b - a) / steps for a, b in zip(sched0, _thread_sched(), strict=True))
     pf._workers.shutdown(wait=True, cancel_futures=True)  # drain: close() alone leaves running jobs behind
@@ -282,20 +282,21 @@ def memory_child(spec: str, args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM
 
         from student_trainer.trainer.config import MethodConfig
+        from student_trainer.trainer.engine_config import engine_config
         from student_trainer.trainer.loop import micro_loss, train_step
-        from student_trainer.trainer.run_setup import deepspeed_config, init_distributed
+        from student_trainer.trainer.run_setup import init_distributed
 
         init_distributed()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         params = sum(p.numel() for p in model.parameters())
-        ds = deepspeed_config({"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1},
-                              100, torch.cuda.is_available())
+        ds = engine_config({"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1},
+                           torch.cuda.is_available()).for_run(100)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
         prepared = pickle.loads(Path(batch_file).read_bytes())
         method = SimpleNamespace(method=MethodConfig(lambda_clm=0.9 if mode == "fusion" else 1.0))
         run = SimpleNamespace(engine=engine, world=1, config=method)
-        prefetcher = SimpleNamespace(get=lambda: prepared)
+        prefetcher = SimpleNamespace(get=lambda *_stop: prepared)
         train_step(run, prefetcher)  # warm-up: creates the optimizer state
         with record_function("measured_step"):
             train_step(run, prefetcher)
