@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 
 DEFAULT_CHUNK = 256
+TAIL_FLOOR = 1e-6  # least mass a tail bucket holds (a teacher whose known ids sum to 1 leaves none)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # sparse_divergence's kinds (on-policy fusion)
 
 
 def teacher_probs(logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -170,6 +172,53 @@ def clm_and_fusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_id
         entropy = _entropy(teacher, weight)
         total, fusion = total - (1.0 - lam) * entropy, fusion - entropy
     return total, parts[0], fusion
+
+
+def _tail(probs: torch.Tensor) -> torch.Tensor:
+    """The mass a distribution puts outside its known ids, ``(..., 1)``, floored so its log stays finite."""
+    return (1.0 - probs.sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+
+
+def _kl_terms(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) over the last axis; entries with p = 0 add 0."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def sparse_divergence(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+                      mask: torch.Tensor, *, kind: str = "forward_kl", beta: float = 0.5,
+                      num_tokens: float | None = None) -> torch.Tensor:
+    """Teacher-student divergence at each position over the teacher's known ids plus one tail bucket.
+
+    On-policy fusion (GKD, Agarwal et al. 2024): ``target_logprobs (B, T, K)`` are the teacher's *true*
+    log-probs (temperature 1, not renormalised) at ``target_ids (B, T, K)`` — its top-k and the ids gathered
+    at the student's candidates — with ``-inf`` for no entry; ``logits (B, T, V)`` the student's. Each side is a
+    proper distribution over those ids and one bucket for the rest of the vocabulary (TRL's tail bucket), the
+    student's from its full log-softmax. ``kind``: ``forward_kl`` KL(p_T ‖ p_S), ``reverse_kl`` KL(p_S ‖ p_T),
+    ``jsd`` β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m) with m = β·p_T + (1−β)·p_S. Averaged over
+    :func:`counted_positions` (or divided by ``num_tokens``); no ``(B, T, V)`` tensor beyond the log-softmax's
+    normaliser and the logits' gradient.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1 (its limits are forward_kl and reverse_kl), got {beta}")
+    z = _upcast(logits)
+    present = torch.isfinite(target_logprobs)
+    ids = target_ids.long().masked_fill(~present, 0)
+    logq = (z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)).masked_fill(~present, float("-inf"))
+    logp = target_logprobs.float().masked_fill(~present, float("-inf"))
+    p, q = torch.exp(logp), torch.exp(logq)
+    p_all, q_all = torch.cat([p, _tail(p)], -1), torch.cat([q, _tail(q)], -1)
+    logp_all, logq_all = torch.log(p_all.clamp_min(1e-30)), torch.log(q_all.clamp_min(1e-30))
+    if kind == "forward_kl":
+        per_pos = _kl_terms(p_all, logp_all, logq_all)
+    elif kind == "reverse_kl":
+        per_pos = _kl_terms(q_all, logq_all, logp_all)
+    else:
+        m = beta * p_all + (1.0 - beta) * q_all
+        logm = torch.log(m.clamp_min(1e-30))
+        per_pos = beta * _kl_terms(p_all, logp_all, logm) + (1.0 - beta) * _kl_terms(q_all, logq_all, logm)
+    return (per_pos * _weights(mask, num_tokens)).sum()
 
 
 FusionLoss = Callable[..., torch.Tensor]

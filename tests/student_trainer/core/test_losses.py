@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -9,11 +10,13 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from student_trainer.core.losses import (
+    DIVERGENCES,
     FUSION_LOSSES,
     clm_and_fusion_loss,
     clm_loss,
     counted_positions,
     sparse_cross_entropy,
+    sparse_divergence,
     sparse_kl,
     teacher_probs,
 )
@@ -217,3 +220,64 @@ def test_every_loss_counts_the_same_positions(seed, kind, lam):
     expected = mask.clone()
     expected[:, -1] = False
     assert torch.equal(counted_positions(mask), expected)
+
+
+def _dense_divergence(logits, teacher_lp_dense, known, mask, kind, beta):
+    """Reference: a (V,)-dense teacher and student, the ids outside ``known`` lumped into one tail bucket,
+    per position in plain Python."""
+    logq = torch.log_softmax(logits.float(), -1)
+    total, count = torch.zeros(()), 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            if not mask[b, t]:
+                continue
+            ids = known[b][t]
+            p = torch.cat([teacher_lp_dense[b, t, ids].exp(), (1 - teacher_lp_dense[b, t, ids].exp().sum()).reshape(1)])
+            q = torch.cat([logq[b, t, ids].exp(), (1 - logq[b, t, ids].exp().sum()).reshape(1)])
+            p, q = p.clamp_min(1e-6), q.clamp_min(1e-6)
+            kl = lambda a, c: (a * (a.log() - c.log())).sum()  # noqa: E731
+            m = beta * p + (1 - beta) * q
+            total = total + {"forward_kl": kl(p, q), "reverse_kl": kl(q, p),
+                             "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m)}[kind]
+            count += 1
+    return total / max(count, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(list(DIVERGENCES)), st.floats(0.1, 0.9), st.booleans())
+def test_divergences_equal_the_dense_reference_with_a_tail_bucket(seed, kind, beta, whole_vocabulary):
+    g = torch.Generator().manual_seed(seed)
+    b, t, v, k = 2, 5, 9, 4
+    logits = (torch.randn(b, t, v, generator=g) * 2).requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(b, t, v, generator=g) * 2, -1)
+    if whole_vocabulary:  # every id known: no tail, the exact full-vocabulary divergences
+        ids = torch.arange(v).expand(b, t, v).clone()
+    else:
+        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(b * t)]).view(b, t, k)
+    lp = teacher.gather(-1, ids)
+    lp[0, 1, -1] = float("-inf")  # an absent entry: its mass is in the tail
+    mask = torch.rand(b, t, generator=g) < 0.8
+    known = [[ids[i, j][torch.isfinite(lp[i, j])] for j in range(t)] for i in range(b)]
+    got = sparse_divergence(logits, ids, lp, mask, kind=kind, beta=beta)
+    ref = _dense_divergence(logits, teacher, known, mask, kind, beta)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_got, g_ref, rtol=1e-3, atol=1e-6)
+    if whole_vocabulary and kind != "jsd":
+        p, logq = teacher.exp(), torch.log_softmax(logits.float(), -1)
+        dense = (p * (teacher - logq)).sum(-1) if kind == "forward_kl" else (logq.exp() * (logq - teacher)).sum(-1)
+        counted = counted_positions(mask)
+        assert torch.allclose(got, (dense * counted).sum() / counted.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_divergences_vanish_when_the_student_is_the_teacher_and_refuse_bad_settings():
+    logits = torch.randn(1, 3, 7)
+    ids = torch.tensor([[[0, 2, 5]] * 3])
+    lp = torch.log_softmax(logits, -1).gather(-1, ids)
+    for kind in DIVERGENCES:
+        assert abs(sparse_divergence(logits, ids, lp, torch.ones(1, 3, dtype=torch.bool), kind=kind).item()) < 1e-6
+    with pytest.raises(ValueError, match="unknown divergence 'kl2'; valid: forward_kl, reverse_kl, jsd"):
+        sparse_divergence(logits, ids, lp, torch.ones(1, 3, dtype=torch.bool), kind="kl2")
+    with pytest.raises(ValueError, match="jsd needs 0 < beta < 1"):
+        sparse_divergence(logits, ids, lp, torch.ones(1, 3, dtype=torch.bool), kind="jsd", beta=1.0)
