@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -112,17 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"livefuse-teacher: {err}")
     setup_logging(config.log_format, config.log_level)
     log.info("config", extra={"fields": config.model_dump()})
-    failure = None
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError, BackendDead) as err:
         log.error(str(err))
-        failure = f"livefuse-teacher: {err}"
-    # What the server left in reference cycles (with a failure: through the traceback, now gone) is finalised
-    # here, while the interpreter is whole: vLLM's AsyncLLM.__del__ raises a TypeError at interpreter exit.
-    gc.collect()
-    if failure is not None:
-        sys.exit(failure)
+        sys.exit(f"livefuse-teacher: {err}")
 
 
 if __name__ == "__main__":
