@@ -33,14 +33,12 @@ from teacher_server.backends.vllm import (
     _model_shape,
     check_gguf_plugin,
     check_head_size,
-    flat_logprobs_to_output,
     load_vllm,
     memory_fraction,
     platform_device,
-    prompt_logprobs_to_output,
-    top_k_of,
     vllm_max_model_len,
 )
+from teacher_server.backends.vllm_logprobs import flat_logprobs_to_output, prompt_logprobs_to_output, top_k_of
 from teacher_server.config import load_config
 from tests import REPO
 
