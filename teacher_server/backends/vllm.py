@@ -51,6 +51,7 @@ GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33's default share of GPU memory (CacheC
 CPU_KV_CACHE_GIB = 4.0  # a CPU build's KV cache when kv_cache_gib is not set (older vLLM releases defaulted
                         # VLLM_CPU_KVCACHE_SPACE to 4 GiB; 0.32 takes gpu_memory_utilization x the machine's RAM)
 PROMPT_LOGPROB_BYTES = 10      # per (token, vocab entry): bf16 logits + fp32 copy + fp32 log-softmax
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the KV cache's dtype is the model's (vLLM's "auto")
 # vLLM's keys for a model's longest sequence (ModelArchConfigConvertor.derive_max_model_len_and_key)
 MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
@@ -254,6 +255,7 @@ class ModelShape:
     vocab_size: int
     positions: int | None  # the longest sequence, as vLLM derives it
     head_size: int | None
+    kv_values_per_token: int | None = None  # keys and values of one token: 2 x layers x KV heads x head size
 
 
 def memory_args(config: TeacherConfig, device: str, total_bytes: int | None, chunk_tokens: int,
@@ -293,7 +295,24 @@ def _model_shape(config: TeacherConfig) -> ModelShape:
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, **extra)
     text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
-    return ModelShape(int(text_config.vocab_size), vllm_max_model_len(text_config), head_size(text_config))
+    head = head_size(text_config)
+    layers = getattr(text_config, "num_hidden_layers", None)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    kv_values = 2 * layers * kv_heads * head if isinstance(layers, int) and isinstance(kv_heads, int) and head else None
+    return ModelShape(int(text_config.vocab_size), vllm_max_model_len(text_config), head, kv_values)
+
+
+def check_kv_cache(args: dict, shape: ModelShape) -> None:
+    """A KV cache size (``kv_cache_memory_bytes``) must hold one text of max_model_len tokens. vLLM refuses to
+    start otherwise, telling to raise gpu_memory_utilization, which that size overrides: say it in our terms."""
+    size = args.get("kv_cache_memory_bytes")
+    if size is None or not shape.kv_values_per_token or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    need = args["max_model_len"] * shape.kv_values_per_token * DTYPE_BYTES.get(args["dtype"], 4)
+    if need > size:
+        raise ValueError(f"kv_cache_gib={size / (1 << 30):.4g}: vLLM's KV cache must hold one text of "
+                         f"max_model_len={args['max_model_len']} tokens, {need / (1 << 30):.4g} GiB in "
+                         f"{args['dtype']}; raise kv_cache_gib or lower max_tokens_per_text")
 
 
 def _total_memory(platform: Any) -> int | None:
@@ -353,6 +372,7 @@ def load_vllm(config: TeacherConfig) -> tuple[VLLMBackend, TeacherTokenizer]:
         _cpu_checks(config, shape)
     total = _total_memory(current_platform) if device == "cuda" else None
     args = _engine_args(config, shape, device, total)
+    check_kv_cache(args, shape)
     use_spawn()  # before the engine (and its process) is built
     assert api.start_engine is not None
     backend = VLLMBackend(api.start_engine(args), api, bos_id=tokenizer.bos_id if config.add_bos else None,

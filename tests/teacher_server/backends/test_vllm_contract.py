@@ -33,6 +33,7 @@ from teacher_server.backends.vllm import (
     _model_shape,
     check_gguf_plugin,
     check_head_size,
+    check_kv_cache,
     load_vllm,
     memory_fraction,
     platform_device,
@@ -175,6 +176,28 @@ def test_memory_fraction_leaves_room_for_the_prompt_logprob_spike():
     assert memory_fraction(24 * gib, 16384, 128_000) == 0.5  # never below the floor
 
 
+def test_a_kv_cache_too_small_for_one_text_is_refused_in_our_terms(tmp_path: Path, monkeypatch):
+    """vLLM's own refusal says to raise gpu_memory_utilization, which a set KV cache size overrides."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    shape = ModelShape(32_000, None, 128, 2 * 32 * 32 * 128)  # Llama-2-7B's layers and heads: 1 MiB a token in fp32
+
+    def args(device: str = "cpu", **overrides: object) -> dict:
+        config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", **overrides})
+        return _engine_args(config, shape, device, total_bytes=80 << 30)
+
+    with pytest.raises(ValueError, match=r"kv_cache_gib=4: vLLM's KV cache must hold one text of "
+                       r"max_model_len=4097 tokens, 4.001 GiB in float32; raise kv_cache_gib or lower "
+                       r"max_tokens_per_text"):
+        check_kv_cache(args(), shape)  # 4096 tokens + the sampled one, at the 4 GiB default
+    check_kv_cache(args(max_tokens_per_text=4095), shape)  # exactly 4 GiB
+    check_kv_cache(args(dtype="bfloat16"), shape)  # 2 bytes a value
+    with pytest.raises(ValueError, match="kv_cache_gib=10: .* 20 GiB in bfloat16"):
+        check_kv_cache(args("cuda", kv_cache_gib=10, max_tokens_per_text=40959, max_batch_tokens=40960), shape)
+    check_kv_cache(args("cuda"), shape)  # a share of the GPU: vLLM sizes the cache
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    check_kv_cache(args(), shape)  # the environment sizes it (and load_vllm says so)
+
+
 def test_engine_args_carry_our_limits(tmp_path: Path):
     config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", "max_top_k": 50, "add_bos": True,
                                     "max_tokens_per_text": 1000, "max_batch_tokens": 4096, "max_batch_texts": 96})
@@ -240,7 +263,8 @@ def test_model_shape_reads_the_saved_config_the_way_vllm_will(tmp_path):
     config = LlamaConfig(vocab_size=321, max_position_embeddings=4096, hidden_size=64, num_attention_heads=4)
     config.seq_length = 1024
     config.save_pretrained(tmp_path)
-    assert _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"})) == ModelShape(321, 1024, 16)
+    shape = _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"}))
+    assert shape == ModelShape(321, 1024, 16, 2 * config.num_hidden_layers * 4 * 16)
     config.head_dim = 128  # set explicitly (Gemma, Qwen3): not hidden / heads
     config.save_pretrained(tmp_path)
     assert _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"})).head_size == 128

@@ -177,6 +177,31 @@ def assert_same_scores(got, want, rows: int | None = None) -> tuple[float, list[
     return max(float(d.max(initial=0.0)) for d in deltas), tied
 
 
+def test_refused_at_start_before_any_engine(models, tmp_path, monkeypatch):
+    """On the real CPU build, before vLLM starts an engine: device=cuda is refused (the platform is CPU), a
+    head size its CPU attention does not serve (the suite's usual tiny Llama: hidden 64, 4 heads) is refused
+    naming both, and so is a KV cache too small for one text."""
+    import psutil
+    import vllm
+    from vllm.platforms import current_platform
+
+    from teacher_server.backends.vllm import load_vllm
+
+    assert current_platform.is_cpu() and vllm.__version__ == "0.32.0"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    tiny = build_tiny_model("llama", "llama-spm", tmp_path / "tiny")  # head size 16
+    cases = [(tiny, {"device": "cuda"}, "device=cuda, but the installed vllm 0.32.0 is a CPU build"),
+             (tiny, {}, "its attention head size 16 is not one vLLM's CPU attention serves (32, 64, 80, 96, "
+                        "112, 128, 160, 192, 224, 256, 512); serve it with backend=hf"),
+             (models["llama"], {"kv_cache_gib": 0.001, "max_tokens_per_text": 500},
+              "kv_cache_gib=0.001: vLLM's KV cache must hold one text of max_model_len=501 tokens")]
+    for model, overrides, message in cases:
+        with pytest.raises(ValueError) as err:
+            load_vllm(make_config(model, backend="vllm", **overrides))
+        assert message in str(err.value)
+    assert not [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_vllm_scores_equal_the_hf_backend(name, clients, capsys):
     vllm, hf = clients[name]
