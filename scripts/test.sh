@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: sets everything up, then lints, checks generated code and runs the suite.
+# The README's test command: sets everything up, then lints, checks generated code and runs the suite, then
+# the vLLM lane (./scripts/test-vllm.sh) after a full run.
 #   ./scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,4 +64,14 @@ if [ "$rc" -eq 5 ]; then
   echo "[test] pytest collected no tests: failing" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+# The vLLM lane (real vLLM on its CPU build, in .venv-vllm, built once and cached: ~2.5 min fresh, ~2.5 min of
+# tests; docs/VLLM.md). It runs after the full suite (no extra pytest arguments) and its failure fails this
+# script; LIVEFUSE_VLLM_LANE=0 skips it, =1 runs it after a partial run too.
+VLLM_LANE="${LIVEFUSE_VLLM_LANE:-$([ "$#" -eq 0 ] && echo 1 || echo 0)}"
+if [ "$VLLM_LANE" = 1 ]; then
+  echo "[test] the vLLM lane (./scripts/test-vllm.sh)"
+  LIVEFUSE_VENV="$VENV" ./scripts/test-vllm.sh
+else
+  echo "[test] the vLLM lane skipped (extra pytest arguments or LIVEFUSE_VLLM_LANE=0): ./scripts/test-vllm.sh"
+fi

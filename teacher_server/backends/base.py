@@ -1,7 +1,7 @@
 """What every backend is: it deals in token ids only and scores batches of id sequences.
 
 A backend module exposes ``load(config) -> (backend, TeacherTokenizer)``; ``teacher_server.backends.BACKENDS``
-names them, and the chosen one is imported only when it is used (vLLM is optional and CUDA-only).
+names them, and the chosen one is imported only when it is used (vLLM is optional).
 
 Two kinds: a ``Backend`` scores one batch per blocking ``score`` call, and the server's token-budget batcher
 forms the batches (HF); an ``EngineBackend`` batches across concurrent ``score_async`` calls itself (vLLM's

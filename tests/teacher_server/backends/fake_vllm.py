@@ -1,4 +1,5 @@
-"""Doubles of the vLLM 0.33 pieces the backend touches, built from vLLM's source (not run: vLLM is CUDA-only).
+"""Doubles of the vLLM 0.33 pieces the backend touches, built from vLLM's source, for the contract tests of the
+conversion (test_vllm_contract.py, test_vllm_engine_contract.py) in the main environment, which has no vLLM.
 
 - ``Logprob``, ``FlatLogprobs`` and ``position_entries``: vllm/logprobs.py (``append_logprobs_for_next_position``:
   the actual token first, then the top-k; a dict merges a repeated id, the flat lists keep both).

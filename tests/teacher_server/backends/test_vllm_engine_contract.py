@@ -1,8 +1,9 @@
-"""The vLLM backend on vLLM's async engine, with ``FakeAsyncLLM`` (fake_vllm.py: AsyncLLM's interface as the
-backend uses it, written from vLLM 0.33.0's source; real vLLM does not run here): one engine request per
-text so later requests join running ones, cancellation aborts, an engine death is fatal for the server
-(NOT_SERVING, then ``livefuse-teacher`` exits 1), and a real server on loopback answers through the async
-engine exactly as through the HF backend.
+"""Contract tests of the vLLM backend on vLLM's async engine, with ``FakeAsyncLLM`` (fake_vllm.py: AsyncLLM's
+interface as the backend uses it, written from vLLM 0.33.0's source; the main environment has no vLLM): one
+engine request per text so later requests join running ones, cancellation aborts, an engine death is fatal
+for the server (NOT_SERVING, then ``livefuse-teacher`` exits 1), and a real server on loopback answers
+through the async engine exactly as through the HF backend. The same behaviours on real vLLM (a CPU build):
+test_vllm_real.py, ``./scripts/test-vllm.sh``.
 """
 
 from __future__ import annotations
