@@ -40,8 +40,8 @@ class Overloaded(Exception):
 RATE_WINDOW = 32  # recent forwards the scoring cost is measured over
 MIN_FORWARDS = 4  # forwards timed before any request is refused for its deadline
 HEADROOM = 0.8
-"""A request is refused when the estimated wait exceeds this share of its time left: the rest is for
-tokenizing, encoding, the network, and the estimate's own error on a machine whose speed varies."""
+"""A request is refused when the estimated wait exceeds this share of its time left (read after tokenizing):
+the rest is for encoding, the network, and the estimate's own error on a machine whose speed varies."""
 
 
 @dataclass(order=True)
@@ -122,7 +122,8 @@ class TokenBudgetBatcher:
     async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
                      ) -> list[ScoreOutput]:
         """Queues the sequences and waits for their scores. Raises QueueFull when over the token bound, and
-        Overloaded when ``within_s`` (the caller's time left) is shorter than the estimated wait."""
+        Overloaded when ``within_s`` (the caller's time left, read just before this call: it is compared
+        before any await) is shorter than the estimated wait."""
         tokens = sum(len(s) for s in seqs)
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self._queued_tokens} tokens are queued; the limit is {self.max_queue_tokens}")
