@@ -87,9 +87,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         await self._require_ready(context, "Score")
-        response = await self._score_or_error(request, "Score", context.time_remaining)
-        if response.HasField("error"):
-            await context.abort(_CODES[response.error.code], response.error.message)
+        response, error = await self._score_or_error(request, "Score", context.time_remaining)
+        if error is not None:
+            await context.abort(error.code, error.message, error.trailing_metadata())
         return response
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
@@ -97,7 +97,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         await self._require_ready(context, "ScoreStream")
 
         async def score(request: pb.ScoreRequest) -> pb.ScoreResponse:
-            return await self._score_or_error(request, "ScoreStream", context.time_remaining)
+            response, _ = await self._score_or_error(request, "ScoreStream", context.time_remaining)
+            return response
 
         try:
             async for response in serve_stream(request_iterator, score, self.config.stream_max_pending,
@@ -107,31 +108,34 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     async def _score_or_error(self, request: pb.ScoreRequest, method: str, time_left: TimeLeft
-                              ) -> pb.ScoreResponse:
-        """Scores a request; a bad or refused request comes back with ``error`` set, never as an exception."""
-        t0, code = time.perf_counter(), grpc.StatusCode.OK
+                              ) -> tuple[pb.ScoreResponse, RequestError | None]:
+        """Scores a request; a bad or refused request comes back as a response with ``error`` set and the
+        RequestError (for Score's status and its trailer), never as an exception."""
+        t0, error = time.perf_counter(), None
         try:
-            return await self._score(request, time_left)
+            return await self._score(request, time_left), None
         except RequestError as err:
-            code = err.code
-            return self._error(request, err.code, err.message)
+            error = err
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            error = RequestError(grpc.StatusCode.CANCELLED, "cancelled")
             raise
         except BackendDead as dead:  # UNAVAILABLE: clients retry on another replica while this one restarts
-            code = grpc.StatusCode.UNAVAILABLE
-            return self._error(request, code, f"this teacher's inference engine died and it is shutting down: {dead}")
+            error = RequestError(grpc.StatusCode.UNAVAILABLE,
+                                 f"this teacher's inference engine died and it is shutting down: {dead}")
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
             log.exception("scoring failed")
-            return self._error(request, code, f"internal error while scoring: {type(exc).__name__}: {exc}")
+            error = RequestError(grpc.StatusCode.INTERNAL,
+                                 f"internal error while scoring: {type(exc).__name__}: {exc}")
         finally:
+            code = grpc.StatusCode.OK if error is None else error.code
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        return self._error(request, error), error
 
-    def _error(self, request: pb.ScoreRequest, code: grpc.StatusCode, message: str) -> pb.ScoreResponse:
+    def _error(self, request: pb.ScoreRequest, error: RequestError) -> pb.ScoreResponse:
         """An error response; like every response it names the tokenizer (clients check it on each one)."""
-        return pb.ScoreResponse(request_id=request.request_id, error=pb.ErrorStatus(code=code.value[0], message=message),
+        return pb.ScoreResponse(request_id=request.request_id,
+                                error=pb.ErrorStatus(code=error.code.value[0], message=error.message),
                                 tokenizer_fingerprint=self.info.tokenizer_fingerprint)
 
     async def _score(self, request: pb.ScoreRequest, time_left: TimeLeft) -> pb.ScoreResponse:
@@ -179,5 +183,3 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         if self.ready:
             self.lanes.close()
 
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}

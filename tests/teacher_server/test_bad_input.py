@@ -8,10 +8,12 @@ import time
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
-from student_trainer.trainer.client import TeacherClient
+from student_trainer.trainer.client import ResponseTooLarge, TeacherClient
 from teacher_server.background import BackgroundServer
 from tests.doubles import ControlledBackend
 
@@ -126,6 +128,7 @@ def test_full_queue_answers_resource_exhausted(gated):
     with pytest.raises(grpc.RpcError) as err:
         client.score(["word " * 30], top_k=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.value.details()
+    assert rpc_status.from_call(err.value) is None  # no reason: busy, retry later (not RESPONSE_TOO_LARGE)
     gate.release.set()
     busy.join(30)
     fill.join(30)
@@ -262,16 +265,29 @@ def test_a_response_that_would_not_fit_is_refused_before_the_forward(tiny_model_
     with BackgroundServer(config, recording, tokenizer) as server, \
             TeacherClient(f"127.0.0.1:{server.port}", timeout=30) as client:
         text = "words and more words " * 60  # ~300 tokens: ~160 kB at k = 64 in fp32
+        request = client.request([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
         with pytest.raises(grpc.RpcError) as err:
-            client.score([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
+            client.stub.Score(request, timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_message_bytes=65536" in err.value.details(), err.value.details()
+        with pytest.raises(ResponseTooLarge) as too_large:  # the trainer's client tells it from "busy"
+            client.score([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
+        assert too_large.value.max_message_bytes == 65536 and too_large.value.response_bytes > 65536
         (response,) = client.score_stream([client.request([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)])
         assert response.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert response.error.message.startswith("RESPONSE_TOO_LARGE: "), response.error.message  # no trailer
         assert len(client.score([text], top_k=4)[0].input_ids) > 200  # the same text at k = 4 fits
         counted = server.server.metrics.registry.get_sample_value(
             "livefuse_teacher_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"})
-    assert recording.calls == 1 and counted == 1  # only the k = 4 request reached the model
+    assert recording.calls == 1 and counted == 2  # only the k = 4 request reached the model
+    # the documented reason, in gRPC's rich error model (grpc-status-details-bin), as any client reads it
+    status = rpc_status.from_call(err.value)
+    assert status is not None and len(status.details) == 1, status
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info), status.details[0].type_url
+    assert (info.reason, info.domain) == ("RESPONSE_TOO_LARGE", "livefuse.v1")
+    assert info.metadata["max_message_bytes"] == "65536" and int(info.metadata["response_bytes"]) > 65536
+    assert err.value.details().startswith("RESPONSE_TOO_LARGE: ")
 
 
 def test_vocabulary_chunks_fit_the_message_limit_whatever_the_chunk_size_asked(tiny_model_dirs, loaded):
