@@ -74,8 +74,9 @@ def pick_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_texts:
 
 class TokenBudgetBatcher:
     def __init__(self, score: ScoreFn, *, max_batch_tokens: int, max_batch_texts: int, max_queue_tokens: int,
-                 metrics: TeacherMetrics | None = None) -> None:
-        self._score = score
+                 metrics: TeacherMetrics | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock`` times the forwards for the cost model (tests pass a fake one)."""
+        self._score, self._clock = score, clock
         self.max_batch_tokens, self.max_batch_texts = max_batch_tokens, max_batch_texts
         self.max_queue_tokens = max_queue_tokens
         self._metrics = metrics
@@ -175,7 +176,7 @@ class TokenBudgetBatcher:
                 await self._wakeup.wait()
                 continue
             top_k = max(i.top_k for i in batch)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             self._forward_tokens = sum(i.length for i in batch)
             try:
                 outs = await loop.run_in_executor(self._executor, self._score, [i.ids for i in batch], top_k)
@@ -186,7 +187,7 @@ class TokenBudgetBatcher:
                 continue
             finally:
                 self._forward_tokens = 0
-            self._observe(batch, time.perf_counter() - t0)
+            self._observe(batch, self._clock() - t0)
             for item, out in zip(batch, outs, strict=True):
                 if not item.future.done():
                     item.future.set_result(_slice_k(out, item.top_k))
