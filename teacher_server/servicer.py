@@ -182,4 +182,3 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     def close(self) -> None:
         if self.ready:
             self.lanes.close()
-
