@@ -2,6 +2,7 @@
 
 - ``teacher.proto`` (the only definition of the wire format) and its generated stubs ``teacher_pb2*``;
 - ``codec``: packed little-endian arrays; ``scores``: one scored text <-> its ``ScoredText`` message;
+- ``errors``: the reasons a teacher gives where a status code is ambiguous (gRPC's rich error model);
 - ``vocabulary``: the tokenizer fingerprint, the raw-vocabulary rules and the token-string conventions
   (``TeacherInfo.vocab_encoding``) both sides compute; pure standard library, so the trainer's core may
   import it;

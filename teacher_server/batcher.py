@@ -40,8 +40,8 @@ class Overloaded(Exception):
 RATE_WINDOW = 32  # recent forwards the scoring cost is measured over
 MIN_FORWARDS = 4  # forwards timed before any request is refused for its deadline
 HEADROOM = 0.8
-"""A request is refused when the estimated wait exceeds this share of its time left: the rest is for
-tokenizing, encoding, the network, and the estimate's own error on a machine whose speed varies."""
+"""A request is refused when the estimated wait exceeds this share of its time left (read after tokenizing):
+the rest is for encoding, the network, and the estimate's own error on a machine whose speed varies."""
 
 
 @dataclass(order=True)
@@ -74,8 +74,9 @@ def pick_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_texts:
 
 class TokenBudgetBatcher:
     def __init__(self, score: ScoreFn, *, max_batch_tokens: int, max_batch_texts: int, max_queue_tokens: int,
-                 metrics: TeacherMetrics | None = None) -> None:
-        self._score = score
+                 metrics: TeacherMetrics | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock`` times the forwards for the cost model (tests pass a fake one)."""
+        self._score, self._clock = score, clock
         self.max_batch_tokens, self.max_batch_texts = max_batch_tokens, max_batch_texts
         self.max_queue_tokens = max_queue_tokens
         self._metrics = metrics
@@ -122,7 +123,8 @@ class TokenBudgetBatcher:
     async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
                      ) -> list[ScoreOutput]:
         """Queues the sequences and waits for their scores. Raises QueueFull when over the token bound, and
-        Overloaded when ``within_s`` (the caller's time left) is shorter than the estimated wait."""
+        Overloaded when ``within_s`` (the caller's time left, read just before this call: it is compared
+        before any await) is shorter than the estimated wait."""
         tokens = sum(len(s) for s in seqs)
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self._queued_tokens} tokens are queued; the limit is {self.max_queue_tokens}")
@@ -174,7 +176,7 @@ class TokenBudgetBatcher:
                 await self._wakeup.wait()
                 continue
             top_k = max(i.top_k for i in batch)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             self._forward_tokens = sum(i.length for i in batch)
             try:
                 outs = await loop.run_in_executor(self._executor, self._score, [i.ids for i in batch], top_k)
@@ -185,7 +187,7 @@ class TokenBudgetBatcher:
                 continue
             finally:
                 self._forward_tokens = 0
-            self._observe(batch, time.perf_counter() - t0)
+            self._observe(batch, self._clock() - t0)
             for item, out in zip(batch, outs, strict=True):
                 if not item.future.done():
                     item.future.set_result(_slice_k(out, item.top_k))

@@ -4,11 +4,12 @@ the forward. A failed check raises RequestError with a message naming the field,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 
 from protos import teacher_pb2 as pb
+from protos.errors import RESPONSE_TOO_LARGE, rich_status
 from protos.scores import LOGPROB_DTYPES
 from teacher_server.config import TeacherConfig
 from teacher_server.limits import MAX_REQUEST_ID_CHARS, response_bytes
@@ -16,9 +17,20 @@ from teacher_server.tokenizer import Encoded
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A refusal: its status code and message, and, where the code alone is ambiguous, a reason
+    (``protos.errors``) with its metadata for the status's trailer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        self.reason, self.metadata = reason, dict(metadata or {})
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """The rich status's ``grpc-status-details-bin`` trailer when there is a reason, else none."""
+        if self.reason is None:
+            return ()
+        return tuple(rich_status(self.code, self.message, self.reason, self.metadata).trailing_metadata)
 
 
 def invalid(message: str) -> RequestError:
@@ -83,11 +95,15 @@ def check_request_tokens(total: int, index: int, limit: int) -> None:
 
 def check_response_size(encoded: Sequence[Encoded], texts: Sequence[str], top_k: int, request: pb.ScoreRequest,
                         info: pb.TeacherInfo) -> None:
-    """Refuses, before the forward, a request whose response could exceed the message limit."""
+    """Refuses, before the forward, a request whose response could exceed the message limit: reason
+    RESPONSE_TOO_LARGE, also the first word of the message (ScoreStream's in-band errors have no trailer)."""
     logprob_bytes = LOGPROB_DTYPES[request.logprob_format].itemsize
     size = response_bytes(((len(e.ids), len(t)) for e, t in zip(encoded, texts, strict=True)), top_k,
                           info.vocab_size, logprob_bytes)
     if size > info.max_message_bytes:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the response could take {size} bytes, over max_message_bytes={info.max_message_bytes}; "
-                           "send fewer tokens per request, a smaller top_k or LOGPROB_FORMAT_FLOAT16")
+                           f"{RESPONSE_TOO_LARGE}: the response could take {size} bytes, over "
+                           f"max_message_bytes={info.max_message_bytes}; no retry can help: send fewer tokens per "
+                           "request, a smaller top_k or LOGPROB_FORMAT_FLOAT16",
+                           RESPONSE_TOO_LARGE, {"max_message_bytes": str(info.max_message_bytes),
+                                                "response_bytes": str(size)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -33,6 +33,9 @@ from teacher_server.streaming import StreamBroken, serve_stream
 from teacher_server.tokenizer import Encoded, TeacherTokenizer, TokenizerLanes
 
 log = logging.getLogger("livefuse.teacher.servicer")
+TimeLeft = Callable[[], float | None]
+"""The caller's seconds left (``context.time_remaining``), read when the early refusal compares it: after
+tokenizing, which can take seconds for a large request."""
 VOCAB_CHUNK = 4096
 VOCAB_FRAMING_BYTES = 1024  # VocabChunk tags and start_id, with room to spare
 
@@ -84,9 +87,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         await self._require_ready(context, "Score")
-        response = await self._score_or_error(request, "Score", context.time_remaining())
-        if response.HasField("error"):
-            await context.abort(_CODES[response.error.code], response.error.message)
+        response, error = await self._score_or_error(request, "Score", context.time_remaining)
+        if error is not None:
+            await context.abort(error.code, error.message, error.trailing_metadata())
         return response
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
@@ -94,7 +97,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         await self._require_ready(context, "ScoreStream")
 
         async def score(request: pb.ScoreRequest) -> pb.ScoreResponse:
-            return await self._score_or_error(request, "ScoreStream", context.time_remaining())
+            response, _ = await self._score_or_error(request, "ScoreStream", context.time_remaining)
+            return response
 
         try:
             async for response in serve_stream(request_iterator, score, self.config.stream_max_pending,
@@ -103,40 +107,43 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         except StreamBroken as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    async def _score_or_error(self, request: pb.ScoreRequest, method: str, within_s: float | None
-                              ) -> pb.ScoreResponse:
-        """Scores a request; a bad or refused request comes back with ``error`` set, never as an exception."""
-        t0, code = time.perf_counter(), grpc.StatusCode.OK
+    async def _score_or_error(self, request: pb.ScoreRequest, method: str, time_left: TimeLeft
+                              ) -> tuple[pb.ScoreResponse, RequestError | None]:
+        """Scores a request; a bad or refused request comes back as a response with ``error`` set and the
+        RequestError (for Score's status and its trailer), never as an exception."""
+        t0, error = time.perf_counter(), None
         try:
-            return await self._score(request, within_s)
+            return await self._score(request, time_left), None
         except RequestError as err:
-            code = err.code
-            return self._error(request, err.code, err.message)
+            error = err
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            error = RequestError(grpc.StatusCode.CANCELLED, "cancelled")
             raise
         except BackendDead as dead:  # UNAVAILABLE: clients retry on another replica while this one restarts
-            code = grpc.StatusCode.UNAVAILABLE
-            return self._error(request, code, f"this teacher's inference engine died and it is shutting down: {dead}")
+            error = RequestError(grpc.StatusCode.UNAVAILABLE,
+                                 f"this teacher's inference engine died and it is shutting down: {dead}")
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
             log.exception("scoring failed")
-            return self._error(request, code, f"internal error while scoring: {type(exc).__name__}: {exc}")
+            error = RequestError(grpc.StatusCode.INTERNAL,
+                                 f"internal error while scoring: {type(exc).__name__}: {exc}")
         finally:
+            code = grpc.StatusCode.OK if error is None else error.code
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        return self._error(request, error), error
 
-    def _error(self, request: pb.ScoreRequest, code: grpc.StatusCode, message: str) -> pb.ScoreResponse:
+    def _error(self, request: pb.ScoreRequest, error: RequestError) -> pb.ScoreResponse:
         """An error response; like every response it names the tokenizer (clients check it on each one)."""
-        return pb.ScoreResponse(request_id=request.request_id, error=pb.ErrorStatus(code=code.value[0], message=message),
+        return pb.ScoreResponse(request_id=request.request_id,
+                                error=pb.ErrorStatus(code=error.code.value[0], message=error.message),
                                 tokenizer_fingerprint=self.info.tokenizer_fingerprint)
 
-    async def _score(self, request: pb.ScoreRequest, within_s: float | None) -> pb.ScoreResponse:
+    async def _score(self, request: pb.ScoreRequest, time_left: TimeLeft) -> pb.ScoreResponse:
         top_k = check_request(request, self.info, self.config)
         texts, cut = cut_to_chars(request.texts, request.truncate, self.config.max_chars_per_text)
         encoded, truncated = await self._tokenize(texts, request.truncate)
         check_response_size(encoded, texts, top_k, request, self.info)
-        outputs = await self._submit([e.ids for e in encoded], top_k, within_s)
+        outputs = await self._submit([e.ids for e in encoded], top_k, time_left)
         self.metrics.tokens.inc(sum(len(e.ids) for e in encoded))
         self.metrics.texts.inc(len(encoded))
         results = [
@@ -161,9 +168,10 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 truncated.append(cut)
         return encoded, truncated
 
-    async def _submit(self, seqs: list[np.ndarray], top_k: int, within_s: float | None) -> list[ScoreOutput]:
+    async def _submit(self, seqs: list[np.ndarray], top_k: int, time_left: TimeLeft) -> list[ScoreOutput]:
+        within_s = time_left() if self.config.early_refusal else None  # now: submit compares it before any await
         try:
-            return await self.batcher.submit(seqs, top_k, within_s if self.config.early_refusal else None)
+            return await self.batcher.submit(seqs, top_k, within_s)
         except QueueFull as full:
             self.metrics.rejected.inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {full}") from None
@@ -174,6 +182,3 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     def close(self) -> None:
         if self.ready:
             self.lanes.close()
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}

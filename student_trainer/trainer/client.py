@@ -8,7 +8,9 @@ Every call has a deadline. Replicas are picked round-robin among those whose sta
 SERVING (gRPC's client-side health checking): a replica still loading or draining gets no calls. gRPC's own
 retry policy retries UNAVAILABLE with backoff, on the next replica the round-robin picks: a replica going
 away, or one refusing a request at once because the work queued ahead would outlast its deadline (the
-teacher's overload answer). Other codes surface as ``grpc.RpcError`` at once.
+teacher's overload answer). A request whose response could never fit the teacher's ``max_message_bytes``
+raises ``ResponseTooLarge`` (the teacher's reason RESPONSE_TOO_LARGE, ``protos.errors``); other codes
+surface as ``grpc.RpcError`` at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import grpc
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
+from protos.errors import RESPONSE_TOO_LARGE, error_info
 from protos.scores import TeacherScores, decode_scores
 from protos.service import TEACHER_SERVICE
 from student_trainer.trainer.config import ConfigError
@@ -81,6 +84,25 @@ class FingerprintMismatch(RuntimeError):
     def __init__(self, expected: str, got: str) -> None:
         super().__init__(f"the teacher answered with tokenizer {got or '(none)'}; expected {expected}")
         self.expected, self.got = expected, got
+
+
+class ResponseTooLarge(RuntimeError):
+    """The teacher refused a request because its response could exceed the teacher's ``max_message_bytes``
+    (RESOURCE_EXHAUSTED with reason RESPONSE_TOO_LARGE): the same request can never succeed, unlike a busy
+    teacher's RESOURCE_EXHAUSTED. The sizes are None if the teacher did not send them."""
+
+    def __init__(self, details: str, max_message_bytes: int | None, response_bytes: int | None) -> None:
+        super().__init__(details)
+        self.max_message_bytes, self.response_bytes = max_message_bytes, response_bytes
+
+
+def _raise_if_too_large(err: grpc.RpcError) -> None:
+    info = error_info(err)
+    if info is None or info.reason != RESPONSE_TOO_LARGE:
+        return
+    sizes = [info.metadata.get(key, "") for key in ("max_message_bytes", "response_bytes")]
+    limit, size = (int(v) if v.isdigit() else None for v in sizes)
+    raise ResponseTooLarge(err.details() or "", limit, size) from None
 
 
 @dataclass(frozen=True)
@@ -153,9 +175,14 @@ class TeacherClient:
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
               logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16, timeout: float | None = None,
               expect_fingerprint: str | None = None) -> list[TeacherScores]:
-        """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered."""
-        response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
-                                   timeout=timeout or self.timeout, metadata=self.metadata)
+        """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered,
+        and ResponseTooLarge if the response could never fit the teacher's message limit."""
+        try:
+            response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
+                                       timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            _raise_if_too_large(err)
+            raise
         if expect_fingerprint is not None and response.tokenizer_fingerprint != expect_fingerprint:
             raise FingerprintMismatch(expect_fingerprint, response.tokenizer_fingerprint)
         return [decode_scores(r) for r in response.results]

@@ -14,7 +14,7 @@ import numpy as np
 
 from protos import teacher_pb2 as pb
 from student_trainer.core.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
-from student_trainer.trainer.client import ClientTLS, FingerprintMismatch, TeacherClient
+from student_trainer.trainer.client import ClientTLS, FingerprintMismatch, ResponseTooLarge, TeacherClient
 from student_trainer.trainer.config import ConfigError, SourceConfig
 from student_trainer.trainer.vocab_cache import cached_vocab_map
 
@@ -97,6 +97,8 @@ class Source:
                 raise SourceChanged(
                     f"source {self.name!r} came back with tokenizer {err.got} (it was {err.expected}). "
                     "Restart the run with the right teacher, or give the source a new name") from None
+            except ResponseTooLarge as err:  # the same request can never fit: no retry, no skip
+                raise SourceFailed(self._too_large(err)) from None
             except grpc.RpcError as err:
                 if self._closed.is_set():
                     raise SourceFailed(f"source {self.name!r} was closed") from None
@@ -106,6 +108,15 @@ class Source:
                 backoff = self._on_failure(err, backoff)
                 if backoff < 0:
                     return None
+
+    def _too_large(self, err: ResponseTooLarge) -> str:
+        name = self.name
+        over = (f"of up to {err.response_bytes} bytes, over the teacher's max_message_bytes={err.max_message_bytes}"
+                if err.response_bytes and err.max_message_bytes else f"over the teacher's max_message_bytes ({err})")
+        return (f"source {name!r}: a request of sources[{name}].texts_per_request={self.config.texts_per_request} "
+                f"texts at sources[{name}].top_k={self.config.top_k} gets a response {over} (RESPONSE_TOO_LARGE); "
+                f"no retry can help: lower sources[{name}].texts_per_request or sources[{name}].top_k, or raise the "
+                "teacher's max_message_bytes")
 
     def _on_failure(self, err: grpc.RpcError, backoff: float) -> float:
         """Applies the policy; returns the next backoff, or -1 to skip."""

@@ -8,12 +8,15 @@ import time
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
-from student_trainer.trainer.client import TeacherClient
+from student_trainer.trainer.client import ResponseTooLarge, TeacherClient
 from teacher_server.background import BackgroundServer
 from tests.doubles import ControlledBackend
+from tests.threads import Workers, wait_until
 
 from .conftest import make_config
 
@@ -97,54 +100,47 @@ def gated(tiny_model_dirs, loaded):
                          max_tokens_per_text=64, max_batch_tokens=64, warmup=False)
     server = BackgroundServer(config, gate, tokenizer).start()
     client = TeacherClient(f"127.0.0.1:{server.port}", timeout=30)
-    yield gate, client
+    yield gate, client, server
     gate.release.set()
     client.close()
     server.stop()
 
 
-def _in_background(fn, *args):
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except grpc.RpcError as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
+def _queued_texts(server: BackgroundServer) -> float:
+    assert server.server is not None
+    return server.server.metrics.registry.get_sample_value("livefuse_teacher_queue_texts") or 0.0
 
 
 def test_full_queue_answers_resource_exhausted(gated):
-    gate, client = gated
-    busy, _ = _in_background(client.score, ["first text in the forward"], 2)
-    assert gate.held.wait(10)
-    fill, fill_box = _in_background(client.score, ["word " * 50], 2)  # ~50 tokens wait in the queue
-    time.sleep(0.5)
+    gate, client, server = gated
+    workers = Workers()
+    workers.start(client.score, ["first text in the forward"], 2)
+    assert gate.held.wait(30)
+    workers.start(client.score, ["word " * 50], 2)  # ~50 tokens wait in the queue
+    wait_until(lambda: _queued_texts(server) == 1, what="the second request queued")
     with pytest.raises(grpc.RpcError) as err:
         client.score(["word " * 30], top_k=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.value.details()
+    assert rpc_status.from_call(err.value) is None  # no reason: busy, retry later (not RESPONSE_TOO_LARGE)
     gate.release.set()
-    busy.join(30)
-    fill.join(30)
-    assert "value" in fill_box and client.score(["after"], top_k=2)
+    workers.join(60)  # both scored
+    assert client.score(["after"], top_k=2)
 
 
 def test_cancelled_request_is_dropped_before_the_forward(gated, loaded):
-    gate, client = gated
-    busy, _ = _in_background(client.score, ["occupies the forward"], 2)
-    assert gate.held.wait(10)
+    gate, client, server = gated
+    busy = Workers()
+    busy.start(client.score, ["occupies the forward"], 2)
+    assert gate.held.wait(30)
     future = client.stub.Score.future(client.request(["never scored, caller left"], top_k=2), timeout=30)
-    time.sleep(0.3)
+    wait_until(lambda: _queued_texts(server) == 1, what="the request queued")
     future.cancel()
-    expired, expired_box = _in_background(
-        lambda: client.stub.Score(client.request(["deadline passes in the queue"], top_k=2), timeout=0.5))
-    expired.join(10)
-    assert expired_box["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: _queued_texts(server) == 0, what="the cancelled request dropped from the queue")
+    with pytest.raises(grpc.RpcError) as expired:  # its deadline passes while it waits in the queue
+        client.stub.Score(client.request(["deadline passes in the queue"], top_k=2), timeout=0.5)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     gate.release.set()
-    busy.join(30)
+    busy.join(60)
     assert client.score(["after"], top_k=2)
     tokenizer = loaded["llama"][1]
     served = [e.ids.tolist() for e in tokenizer.encode(["occupies the forward", "after"])]
@@ -262,16 +258,29 @@ def test_a_response_that_would_not_fit_is_refused_before_the_forward(tiny_model_
     with BackgroundServer(config, recording, tokenizer) as server, \
             TeacherClient(f"127.0.0.1:{server.port}", timeout=30) as client:
         text = "words and more words " * 60  # ~300 tokens: ~160 kB at k = 64 in fp32
+        request = client.request([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
         with pytest.raises(grpc.RpcError) as err:
-            client.score([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
+            client.stub.Score(request, timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_message_bytes=65536" in err.value.details(), err.value.details()
+        with pytest.raises(ResponseTooLarge) as too_large:  # the trainer's client tells it from "busy"
+            client.score([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)
+        assert too_large.value.max_message_bytes == 65536 and too_large.value.response_bytes > 65536
         (response,) = client.score_stream([client.request([text], top_k=64, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)])
         assert response.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert response.error.message.startswith("RESPONSE_TOO_LARGE: "), response.error.message  # no trailer
         assert len(client.score([text], top_k=4)[0].input_ids) > 200  # the same text at k = 4 fits
         counted = server.server.metrics.registry.get_sample_value(
             "livefuse_teacher_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"})
-    assert recording.calls == 1 and counted == 1  # only the k = 4 request reached the model
+    assert recording.calls == 1 and counted == 2  # only the k = 4 request reached the model
+    # the documented reason, in gRPC's rich error model (grpc-status-details-bin), as any client reads it
+    status = rpc_status.from_call(err.value)
+    assert status is not None and len(status.details) == 1, status
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info), status.details[0].type_url
+    assert (info.reason, info.domain) == ("RESPONSE_TOO_LARGE", "livefuse.v1")
+    assert info.metadata["max_message_bytes"] == "65536" and int(info.metadata["response_bytes"]) > 65536
+    assert err.value.details().startswith("RESPONSE_TOO_LARGE: ")
 
 
 def test_vocabulary_chunks_fit_the_message_limit_whatever_the_chunk_size_asked(tiny_model_dirs, loaded):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from teacher_server.backends.base import ScoreOutput
-from teacher_server.batcher import QueueFull, TokenBudgetBatcher, pick_window
+from teacher_server.batcher import Overloaded, QueueFull, TokenBudgetBatcher, pick_window
+from teacher_server.metrics import TeacherMetrics
 
 
 @given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40), budget=st.integers(64, 512),
@@ -33,19 +35,53 @@ def test_window_prefers_similar_lengths():
     assert pick_window([1, 2, 3, 10, 11, 12, 50], 4, 40, 10) == (3, 5)
 
 
-class RecordingScore:
-    """Scores id sequences deterministically (top-1 id = the last id) and records each batch."""
+class Clock:
+    """Fake time for the batcher's forward timings."""
 
     def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingScore:
+    """Scores id sequences deterministically (top-1 id = the last id) and records each batch. While ``gate``
+    is clear a forward waits for it (``entered`` is set when a forward starts). With a ``clock``, a forward
+    "takes" ``seconds_per_token`` per padded token of its fake time."""
+
+    def __init__(self, clock: Clock | None = None, seconds_per_token: float = 0.0) -> None:
         self.batches: list[list[int]] = []
-        self.gate = threading.Event()
+        self.gate, self.entered = threading.Event(), threading.Event()
         self.gate.set()
+        self.clock, self.seconds_per_token = clock, seconds_per_token
 
     def __call__(self, batch, top_k):
-        self.gate.wait(10)
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
         self.batches.append([len(s) for s in batch])
+        if self.clock is not None:
+            self.clock.now += self.seconds_per_token * len(batch) * max(len(s) for s in batch)
         return [ScoreOutput(np.full((len(s), top_k), s[-1], np.int32), np.zeros((len(s), top_k), np.float32),
                             np.zeros(len(s) - 1, np.float32)) for s in batch]
+
+
+async def entered(score: RecordingScore) -> None:
+    """Until a forward is running (held at the gate)."""
+    assert await asyncio.to_thread(score.entered.wait, 60), "no forward started"
+
+
+async def until(condition, what: str) -> None:
+    """Lets the event loop run until ``condition`` holds (the timeout only guards against a hang)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never happened"
+        await asyncio.sleep(0)
+
+
+def gauges(metrics: TeacherMetrics) -> tuple[float | None, float | None]:
+    return (metrics.registry.get_sample_value("livefuse_teacher_queue_texts"),
+            metrics.registry.get_sample_value("livefuse_teacher_queue_tokens"))
 
 
 def run(coro):
@@ -84,20 +120,22 @@ def test_top_k_is_sliced_per_request():
 
 
 def test_cancelled_texts_never_reach_the_model_and_full_queue_refuses():
-    score = RecordingScore()
+    score, metrics = RecordingScore(), TeacherMetrics()
     score.gate.clear()
 
     async def main():
-        batcher = TokenBudgetBatcher(score, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=50)
+        batcher = TokenBudgetBatcher(score, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=50,
+                                     metrics=metrics)
         batcher.start()
-        first = asyncio.create_task(batcher.submit([np.arange(10)], 1))  # enters the (blocked) forward
-        await asyncio.sleep(0.1)
+        first = asyncio.create_task(batcher.submit([np.arange(10)], 1))
+        await entered(score)  # the first text is in the (held) forward
         doomed = asyncio.create_task(batcher.submit([np.arange(33)], 1))
         waiting = asyncio.create_task(batcher.submit([np.arange(7)], 1))
-        await asyncio.sleep(0.1)
+        await until(lambda: gauges(metrics) == (2, 40), "both texts queued")
         with pytest.raises(QueueFull):
             await batcher.submit([np.arange(20)], 1)  # 40 queued + 20 > 50
         doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)  # its caller is gone before the forward ends
         score.gate.set()
         await asyncio.gather(first, waiting)
         await batcher.stop()
@@ -128,28 +166,22 @@ def test_a_failing_forward_fails_its_callers_and_the_batcher_goes_on():
 
 
 def test_queue_gauges_drop_as_soon_as_queued_requests_are_cancelled():
-    from teacher_server.metrics import TeacherMetrics
-
     score, metrics = RecordingScore(), TeacherMetrics()
     score.gate.clear()
-
-    def gauges() -> tuple[float | None, float | None]:
-        return (metrics.registry.get_sample_value("livefuse_teacher_queue_texts"),
-                metrics.registry.get_sample_value("livefuse_teacher_queue_tokens"))
 
     async def main():
         batcher = TokenBudgetBatcher(score, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=1000,
                                      metrics=metrics)
         batcher.start()
-        first = asyncio.create_task(batcher.submit([np.arange(10)], 1))  # enters the (blocked) forward
-        await asyncio.sleep(0.1)
+        first = asyncio.create_task(batcher.submit([np.arange(10)], 1))
+        await entered(score)  # the first text is in the (held) forward
         queued = [asyncio.create_task(batcher.submit([np.arange(n), np.arange(n + 1)], 1)) for n in (20, 30)]
-        await asyncio.sleep(0.1)
-        before = gauges()
+        await until(lambda: gauges(metrics)[0] == 4, "four texts queued")
+        before = gauges(metrics)
         for task in queued:
             task.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
-        after = gauges()  # no new request has arrived, the forward is still held
+        after = gauges(metrics)  # no new request has arrived, the forward is still held
         score.gate.set()
         await first
         await batcher.stop()
@@ -161,35 +193,40 @@ def test_queue_gauges_drop_as_soon_as_queued_requests_are_cancelled():
 
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
-    """The scoring rate is measured on real forwards; the work queued ahead decides, not the queue size."""
-    import time
-
-    from teacher_server.batcher import Overloaded
-
-    score = RecordingScore()
-
-    def slow(batch, top_k):  # 1 ms per padded token: 1,000 tokens/s
-        time.sleep(0.001 * len(batch) * max(len(s) for s in batch))
-        return score(batch, top_k)
+    """The scoring cost is measured on the forwards (on a fake clock here: 1 ms per padded token); the work
+    queued ahead and the deadline decide, not the queue size; the refusal comes while the forward is held."""
+    clock, metrics = Clock(), TeacherMetrics()
+    score = RecordingScore(clock, seconds_per_token=0.001)
 
     async def main():
-        batcher = TokenBudgetBatcher(slow, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=100_000)
+        batcher = TokenBudgetBatcher(score, max_batch_tokens=100, max_batch_texts=8, max_queue_tokens=100_000,
+                                     metrics=metrics, clock=clock)
         batcher.start()
         for length in (20, 50, 80):
             assert batcher.estimated_wait(50) is None  # fewer than MIN_FORWARDS timed: nothing is refused
-            await batcher.submit([np.arange(length)], 1)
+            await batcher.submit([np.arange(length)], 1, within_s=1e-9)
         await batcher.submit([np.arange(50)], 1)
-        assert 0.03 < batcher.estimated_wait(50) < 0.5  # ~1 ms per token
-        backlog = [asyncio.create_task(batcher.submit([np.arange(50)], 1)) for _ in range(40)]  # ~2 s of work
-        await asyncio.sleep(0.05)
-        t0 = time.perf_counter()
-        with pytest.raises(Overloaded, match="deadline"):
-            await batcher.submit([np.arange(50)], 1, within_s=0.5)
-        refused_after = time.perf_counter() - t0
-        late_but_fine = await batcher.submit([np.arange(50)], 1, within_s=30.0)
-        await asyncio.gather(*backlog)
+        assert batcher.estimated_wait(50) == pytest.approx(0.050)  # 50 tokens at 1 ms, nothing ahead
+        score.gate.clear()
+        score.entered.clear()
+        backlog = [asyncio.create_task(batcher.submit([np.arange(50)], 1)) for _ in range(40)]
+        try:
+            await entered(score)  # two of them (100 tokens) in the held forward
+            await until(lambda: gauges(metrics) == (38, 38 * 50), "the rest queued")
+            assert batcher.estimated_wait(50) == pytest.approx(2.050)  # 1,900 queued + 100 in the forward + 50
+            too_late = asyncio.create_task(batcher.submit([np.arange(50)], 1, within_s=2.5))  # 2.05 > 80% of 2.5
+            await until(lambda: too_late.done() or gauges(metrics)[0] > 38, "an answer or a place in the queue")
+            assert too_late.done() and not score.gate.is_set(), "queued instead of refused at once"
+            with pytest.raises(Overloaded, match="about 2.0 s of work .* its deadline leaves 2.5 s"):
+                too_late.result()
+            late_but_fine = asyncio.create_task(batcher.submit([np.arange(50)], 1, within_s=2.6))  # 2.05 <= 2.08
+            await until(lambda: late_but_fine.done() or gauges(metrics)[0] > 38, "an answer or a place in the queue")
+            assert not late_but_fine.done(), "refused, though its deadline leaves time for the work ahead"
+        finally:
+            score.gate.set()
+            await asyncio.gather(*backlog)
+        out = await late_but_fine
         await batcher.stop()
-        return refused_after, late_but_fine
+        return out
 
-    refused_after, out = run(main())
-    assert refused_after < 0.5 and out[0].topk_ids.shape == (50, 1)
+    assert run(main())[0].topk_ids.shape == (50, 1)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from protos import teacher_pb2 as pb
+from tests.threads import Workers
 
 pytestmark = pytest.mark.integration
 
@@ -88,22 +87,19 @@ def test_many_concurrent_clients_get_their_own_answers(servers):
     texts = [f"client {i}: " + TEXTS[i % 3] * (1 + i % 4) for i in range(12)]
     with TeacherClient(f"127.0.0.1:{port}") as c:
         expected = [c.score([t], top_k=3, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0] for t in texts]
-    failures: list[str] = []
 
-    def worker(i: int) -> None:
+    def worker(i: int) -> None:  # an exception here (a failed call, a wrong answer) fails the test
         with TeacherClient(f"127.0.0.1:{port}") as c:
             for _ in range(3):
                 got = c.score([texts[i]], top_k=3, logprob_format=pb.LOGPROB_FORMAT_FLOAT32)[0]
-                if not (np.array_equal(got.input_ids, expected[i].input_ids)
-                        and np.allclose(got.topk_logprobs, expected[i].topk_logprobs, atol=1e-5)):
-                    failures.append(f"client {i} got another answer")
+                np.testing.assert_array_equal(got.input_ids, expected[i].input_ids, err_msg=f"client {i}")
+                np.testing.assert_allclose(got.topk_logprobs, expected[i].topk_logprobs, atol=1e-5,
+                                           err_msg=f"client {i}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(texts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not failures
+    workers = Workers()
+    for i in range(len(texts)):
+        workers.start(worker, i, name=f"client-{i}")
+    workers.join(120)
 
 
 def test_score_stream_many_in_flight_matched_by_request_id(clients):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from student_trainer.trainer.config import SourceConfig
 from teacher_server.backends.hf import load_hf
 from teacher_server.background import BackgroundServer
 from tests.doubles import ControlledBackend
+from tests.threads import Workers, wait_until
 
 from .helpers import teacher_config
 
@@ -86,11 +86,8 @@ def _port_free_on(addresses: list[str]) -> int:
     return port
 
 
-def _wait_for_traffic(replica: Replica, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while replica.backend.calls == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert replica.backend.calls > 0, f"the added replica got no traffic in {seconds:.0f} s"
+def _calls(replicas: dict[str, Replica]) -> dict[str, int]:
+    return {a: r.backend.calls for a, r in replicas.items()}
 
 
 def _score(client: TeacherClient, n: int) -> None:
@@ -107,35 +104,33 @@ def test_replicas_added_and_removed_behind_one_dns_name_are_picked_up_and_droppe
     assert SourceConfig(name="code", endpoints=[endpoint]).endpoints == [endpoint]  # a valid trainer endpoint
     assert channel_target([endpoint]) == endpoint  # passed to gRPC's resolver as is
     client = TeacherClient([endpoint], timeout=30)
-    errors: list[BaseException] = []
     stop = threading.Event()
 
-    def keep_scoring() -> None:  # the trainer, fetching all along
+    def keep_scoring() -> None:  # the trainer, fetching all along: a failed call ends it and fails the test
         while not stop.is_set():
-            try:
-                _score(client, 1)
-            except BaseException as err:  # noqa: BLE001 - any failed call fails the test
-                errors.append(err)
+            _score(client, 1)
 
+    runner = Workers()
     try:
         _score(client, 8)
         assert all(r.backend.calls > 0 for r in replicas.values()), "round robin over both addresses"
-        runner = threading.Thread(target=keep_scoring, daemon=True)
-        runner.start()
+        runner.start(keep_scoring, name="trainer")
         replicas["127.0.0.4"] = Replica(tiny_model_dirs["gpt2"], "127.0.0.4", port)  # scale up alone: no
         zone.addresses = addresses  # connection is lost, only the teachers' max_connection_age_s re-resolves
-        _wait_for_traffic(replicas["127.0.0.4"], 90)  # gRPC re-resolves at most once per 30 s
-        assert not errors, f"calls failed while a replica was added: {errors[:3]}"
+        wait_until(lambda: replicas["127.0.0.4"].backend.calls > 0 or bool(runner.errors), timeout=90,
+                   what="traffic on the added replica")  # gRPC re-resolves at most once per 30 s
+        assert not runner.errors, f"a call failed while a replica was added: {runner.errors[0]!r}"
         replicas["127.0.0.3"].stop()  # scale down: a replica goes away under load
         zone.addresses = ["127.0.0.2", "127.0.0.4"]
-        time.sleep(2 * MAX_AGE_S)
+        at_removal = _calls(replicas)
+        wait_until(lambda: min(_calls(replicas)[a] - at_removal[a] for a in ("127.0.0.2", "127.0.0.4")) >= 3
+                   or bool(runner.errors), what="calls on both remaining replicas after the scale-down")
         stop.set()
-        runner.join(60)
-        assert not errors, f"calls failed while replicas changed: {errors[:3]}"
-        before = {a: r.backend.calls for a, r in replicas.items()}
+        runner.join(60)  # raises the runner's failed call, if any
+        before = _calls(replicas)
         _score(client, 8)
-        after = {a: r.backend.calls - before[a] for a, r in replicas.items()}
-        assert after["127.0.0.3"] == 0 and after["127.0.0.2"] > 0 and after["127.0.0.4"] > 0, after
+        after = {a: n - before[a] for a, n in _calls(replicas).items()}
+        assert after["127.0.0.2"] > 0 and after["127.0.0.4"] > 0, after
     finally:
         stop.set()
         client.close()
