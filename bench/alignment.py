@@ -82,7 +82,8 @@ def unchecked_band(src: np.ndarray, tgt: np.ndarray, target: Tokens, source: Tok
     """One pass of the banded DTW without the certificate (the aligner before issue 12, minus its retries)."""
     lo = dtw._band_starts(target.offsets[:, 0], source.offsets[:, 0], half)
     width = min(len(tgt), 2 * half + 1)
-    dtw.dtw_backtrack(dtw.banded_dtw(dtw._band_costs(src, tgt, lo, width)[0], lo), lo, len(tgt))
+    dist, inv_s, inv_t = dtw.pair_costs(src, tgt)
+    dtw.dtw_backtrack(dtw.banded_dtw(dist, inv_s, inv_t, lo, width, None)[0], lo, len(tgt))
 
 
 def best_of(repeats: int, fn, *args) -> float:
