@@ -80,7 +80,7 @@ def window(target: Tokens, source: Tokens, start: int, length: int) -> tuple[Tok
 
 def unchecked_band(src: np.ndarray, tgt: np.ndarray, target: Tokens, source: Tokens, half: int = 64) -> None:
     """One pass of the banded DTW without the certificate (the aligner before issue 12, minus its retries)."""
-    lo = dtw._band_starts(target.offsets[:, 0], source.offsets[:, 0], half)
+    lo = dtw.band_starts(target.offsets[:, 0], source.offsets[:, 0], half)
     width = min(len(tgt), 2 * half + 1)
     dist, inv_s, inv_t = dtw.pair_costs(src, tgt)
     dtw.dtw_backtrack(dtw.banded_dtw(dist, inv_s, inv_t, lo, width, None)[0], lo, len(tgt))

@@ -18,7 +18,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-_INF = 1 << 40  # "unreachable" DTW cost, exact in int64 arithmetic
+UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
 DTW_BAND_SHARE = 32  # initial half-width at least n_t / 32 (the bound's slack grows with the text)
 
@@ -26,7 +26,7 @@ DTW_BAND_SHARE = 32  # initial half-width at least n_t / 32 (the bound's slack g
 def pair_costs(src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edit distances between the distinct strings, ``dist (U_s, U_t) int32``, and each token's row or
     column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64. Distinct strings are numbered in order of first
-    occurrence, which :func:`floor_tables` relies on."""
+    occurrence, which :func:`side_floors` relies on."""
     (us, inv_s), (ut, inv_t) = _codes(src), _codes(tgt)
     dist = process.cdist(us, ut, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
     return dist, inv_s, inv_t
@@ -39,34 +39,59 @@ def _codes(strings: np.ndarray) -> tuple[list[str], np.ndarray]:
     return list(index), codes
 
 
-def floor_tables(dist: np.ndarray, inv_t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per source string, the cheapest cell over every prefix and every suffix of the target:
-    ``(prefix_min, prefix_count, suffix_min, suffix_count)``. The cheapest cell of source string u among
-    target tokens ``[0, p)`` is ``prefix_min[u, prefix_count[p] - 1]``, among ``[p, n_t)`` it is
-    ``suffix_min[u, suffix_count[p] - 1]`` (a count of 0: no token there)."""
-    n_t = len(inv_t)
-    prefix_count = np.concatenate([[0], np.maximum.accumulate(inv_t) + 1])  # distinct strings in tgt[:p]
-    _, first_rev = np.unique(inv_t[::-1], return_index=True)
-    last = n_t - 1 - first_rev  # last position of each distinct string
-    order = np.argsort(-last, kind="stable")
-    suffix_count = np.searchsorted(-last[order], -np.arange(n_t + 1), side="right")
-    return (np.minimum.accumulate(dist, axis=1), prefix_count,
-            np.minimum.accumulate(dist[:, order], axis=1), suffix_count)
-
-
-def side_floors(tables: tuple[np.ndarray, ...], inv_s: np.ndarray, lo: np.ndarray,
+@numba.njit(cache=True, nogil=True)
+def side_floors(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray,
                 width: int) -> tuple[np.ndarray, np.ndarray]:
     """The cheapest cell of each row left of its band and right of it: ``left, right (n_s,) int64``,
-    ``_INF`` where the row has no cell there. What a path pays, at least, in a row it visits outside."""
-    prefix_min, prefix_count, suffix_min, suffix_count = tables
-    n_k = prefix_min.shape[1]
-    k_left, k_right = prefix_count[lo], suffix_count[lo + width]
-    left = prefix_min[inv_s, np.clip(k_left - 1, 0, n_k - 1)].astype(np.int64)
-    right = suffix_min[inv_s, np.clip(k_right - 1, 0, n_k - 1)].astype(np.int64)
-    return np.where(k_left > 0, left, _INF), np.where(k_right > 0, right, _INF)
+    ``UNREACHABLE`` where the row has no cell there. What a path pays, at least, in a row it visits outside.
+
+    ``inv_t`` numbers the distinct target strings in order of first occurrence, so the strings left of
+    column p are the first ``seen[p]``; one running minimum per source string, advanced as the band
+    moves right (and stopped at 0), gives every row's floor in one sweep. Right: the same from the end.
+    """
+    n, n_t = len(lo), len(inv_t)
+    seen = np.zeros(n_t + 1, np.int64)  # distinct strings among tgt[:p], then among tgt[p:]
+    for p in range(n_t):
+        seen[p + 1] = max(seen[p], inv_t[p] + 1)
+    left = _sweep(dist, inv_s, np.arange(dist.shape[1]), seen[lo], 0, n, 1)
+    order, seen_after = _last_occurrence_order(inv_t, dist.shape[1])
+    right = _sweep(dist, inv_s, order, seen_after[lo + width], n - 1, -1, -1)
+    return left, right
 
 
-def _band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct target strings by last occurrence, latest first, and how many occur in ``tgt[p:]``."""
+    n_t = len(inv_t)
+    order, count, done = np.empty(n_u, np.int64), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
+    k = 0
+    for p in range(n_t - 1, -1, -1):
+        if not done[inv_t[p]]:
+            done[inv_t[p]], order[k] = True, inv_t[p]
+            k += 1
+        count[p] = k
+    return order, count
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, count: np.ndarray, first: int, stop: int,
+           step: int) -> np.ndarray:
+    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none), rows visited in
+    ``range(first, stop, step)``, an order in which ``count`` never decreases."""
+    best = np.full(dist.shape[0], UNREACHABLE, np.int64)
+    done = np.zeros(dist.shape[0], np.int64)  # how far each source string's minimum has advanced
+    out = np.empty(len(inv_s), np.int64)
+    for r in range(first, stop, step):
+        u, k, low = inv_s[r], done[inv_s[r]], best[inv_s[r]]
+        while k < count[r] and low > 0:
+            low = min(low, dist[u, order[k]])
+            k += 1
+        done[u], best[u] = k, low
+        out[r] = low if count[r] > 0 else UNREACHABLE
+    return out
+
+
+def band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int) -> np.ndarray:
     """First target column of each source row's band, centred on the char-aligned target token."""
     n_t = len(target_starts)
     width = min(n_t, 2 * half + 1)
@@ -76,94 +101,126 @@ def _band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int
     return np.maximum.accumulate(lo)
 
 
-def _band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
+def band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
     """The band holds both corners and every row overlaps the next, so a monotone path runs inside it."""
     return bool(lo[0] == 0 and lo[-1] + width == n_t and np.all(np.diff(lo) < width))
 
 
-@numba.njit(cache=True, nogil=True)
-def _first_row(tab: np.ndarray, inv_t: np.ndarray, width: int, acc: np.ndarray, d_row: np.ndarray) -> None:
-    """Row 0 of the band: a prefix sum (the only way in is from the left)."""
-    total = 0
-    for j in range(width):
-        total += tab[inv_t[j]]
-        acc[0, j] = total
-        d_row[j + 1] = total
+@numba.njit(cache=True, nogil=True, inline="always")
+def _d_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray) -> None:
+    """One band row of D. Rows are padded: index 0 is the cell left of the band, 1..width the band, then
+    the cells right of it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's
+    target strings, ``shift``: how far the band starts right of the previous row's."""
+    d = UNREACHABLE
+    for k in range(len(cols)):
+        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + tab[cols[k]]
+        d_row[k + 1] = d
 
 
-@numba.njit(cache=True, nogil=True)
-def _band_row(tab: np.ndarray, inv_t: np.ndarray, r: int, lo: int, width: int, acc: np.ndarray,
-              d_prev: np.ndarray, l_prev: np.ndarray, d_row: np.ndarray, l_row: np.ndarray,
-              l_left: int, certify: bool) -> None:
-    """Row ``r`` of D (band paths) and, with ``certify``, of L (paths that left the band before).
-
-    Rows are indexed by target column + 1 (index 0: column -1, never reachable); ``l_left`` is L of the
-    cell left of the band."""
-    d_last, l_last = _INF, l_left
-    for j in range(lo, lo + width):
-        c = tab[inv_t[j]]
-        d = min(min(d_prev[j], d_prev[j + 1]), d_last) + c
-        acc[r, j - lo] = d
-        d_row[j + 1] = d
-        d_last = d
-        if certify:
-            l_last = min(min(l_prev[j], l_prev[j + 1]), l_last) + c
-            l_row[j + 1] = l_last
+@numba.njit(cache=True, nogil=True, inline="always")
+def _seed(i: int, runs: np.ndarray, n_runs: int, shift: int, width: int, l_prev: np.ndarray,
+          l_first: int) -> tuple[int, int]:
+    """The ``i``-th interval (from -1, in order) of cells that a path which left the band may reach from
+    outside this row: the first cell (entered from the left), below the previous row's live runs, and
+    the last ``shift`` cells (entered from the right of the previous band)."""
+    if i < 0:
+        return 0, (1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0)
+    if i < n_runs:
+        return max(runs[0, i] - shift, 0), min(runs[1, i] - shift + 1, width)
+    return width - shift, (width if l_prev[width + 1] < UNREACHABLE else 0)
 
 
-@numba.njit(cache=True, nogil=True)
-def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, prev_lo: int, lo: int, floor: int,
-                prev_state: int) -> int:
-    """Lower bound on the full DTW over the row's cells left of the band (every path there has left it):
-    the row's floor plus the cheapest predecessor, one row up (the cheapest such cell is entered from
-    above, or it would not be the leftmost cheapest)."""
-    if lo == 0:
-        return _INF
-    best = prev_state
-    for j in range(prev_lo, lo):
-        best = min(best, d_prev[j + 1], l_prev[j + 1])
+@numba.njit(cache=True, nogil=True, inline="always")
+def _l_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_row: np.ndarray, l_prev: np.ndarray,
+           l_row: np.ndarray, l_first: int, prev_runs: np.ndarray, n_prev: int, runs: np.ndarray) -> int:
+    """One band row of L, the cheapest path to a cell that left the band before, computed only where it
+    is live: a cell where L > D is set to ``UNREACHABLE`` (any path through it is beaten by the band
+    path to it, and the bound decides only ``L <= D`` or not, so nothing the certificate needs is lost).
+    Writes runs ``[start, stop)`` that hold the row's live cells to ``runs (2, ·)``, returns their number.
+    Padded like D."""
+    width = len(cols)
+    l_row[0], l_row[1:width + 1] = l_first, UNREACHABLE
+    n, k = 0, 0  # runs written, first cell not computed yet
+    for i in range(-1, n_prev + 1):
+        start, stop = _seed(i, prev_runs, n_prev, shift, width, l_prev, l_first)
+        k = max(k, start)
+        first, last, cost = width, -1, l_row[k]  # cost: L of the cell to the left (computed, or none)
+        while k < width and (k < stop or cost < UNREACHABLE):
+            cost = min(min(l_prev[k + shift], l_prev[k + shift + 1]), cost) + tab[cols[k]]
+            cost = cost if cost <= d_row[k + 1] else UNREACHABLE
+            l_row[k + 1] = cost
+            first, last = (min(first, k), k) if cost < UNREACHABLE else (first, last)
+            k += 1
+        if last >= 0:
+            n = _add_run(runs, n, first, last + 1)
+    return n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add_run(runs: np.ndarray, n: int, start: int, stop: int) -> int:
+    """Appends ``[start, stop)`` to the ``n`` runs, merged with the last one where they touch."""
+    if n > 0 and runs[1, n - 1] >= start:
+        runs[1, n - 1] = max(runs[1, n - 1], stop)
+        return n
+    runs[0, n], runs[1, n] = start, stop
+    return n + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, shift: int, floor: int, state: int) -> int:
+    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from the
+    previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
+    leftmost cheapest such cell is not entered from its left neighbour)."""
+    if floor == UNREACHABLE:
+        return UNREACHABLE
+    best = state
+    for k in range(1, shift + 1):  # the previous band's cells that lie left of this one
+        best = min(best, d_prev[k], l_prev[k])
     return floor + best
 
 
-@numba.njit(cache=True, nogil=True)
-def _pad_previous(d_prev: np.ndarray, l_prev: np.ndarray, prev_lo: int, prev_hi: int, hi: int,
-                  left_state: int, right_state: int) -> None:
-    """The previous row's cells outside its band that this row reads: unreachable for D, the outside
-    state's bound for L."""
-    if prev_lo > 0:
-        d_prev[prev_lo], l_prev[prev_lo] = _INF, left_state
-    for j in range(prev_hi, hi):
-        d_prev[j + 1], l_prev[j + 1] = _INF, right_state
+@numba.njit(cache=True, nogil=True, inline="always")
+def _right_state(d_prev: np.ndarray, l_prev: np.ndarray, d_row: np.ndarray, l_row: np.ndarray, shift: int,
+                 floor: int, state: int) -> int:
+    """The same right of the band: entered from the band's last cell, from the cell above it, or from
+    the previous row's cells right of the band (``state``)."""
+    if floor == UNREACHABLE:
+        return UNREACHABLE
+    width = (len(d_row) - 1) // 2
+    up = min(d_prev[width + shift], l_prev[width + shift])
+    return floor + min(min(d_row[width], l_row[width]), up, state)
 
 
 @numba.njit(cache=True, nogil=True)
 def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
                left: np.ndarray, right: np.ndarray, certify: bool) -> tuple[np.ndarray, int]:
-    """D in the band ``(n_s, width) int64`` and a lower bound on every full path that leaves it."""
-    n, n_t = len(lo), len(inv_t)
+    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else ``UNREACHABLE``)."""
+    n = len(lo)
     acc = np.empty((n, width), np.int64)
-    d_prev, d_row = np.full(n_t + 1, _INF, np.int64), np.full(n_t + 1, _INF, np.int64)
-    l_prev, l_row = np.full(n_t + 1, _INF, np.int64), np.full(n_t + 1, _INF, np.int64)
-    _first_row(dist[inv_s[0]], inv_t, width, acc, d_prev)
-    left_state, right_state = _INF, (right[0] + acc[0, width - 1] if width < n_t else _INF)
+    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
+    l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
+    runs, prev_runs, n_prev = np.empty((2, width + 1), np.int64), np.empty((2, width + 1), np.int64), 0
+    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
+    acc[0] = d_prev[1:width + 1]
+    states = (UNREACHABLE, right[0] + acc[0, width - 1] if right[0] < UNREACHABLE else UNREACHABLE)
     for r in range(1, n):
-        a, b = lo[r - 1], lo[r]
-        prev_left = left_state
+        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
+        _d_row(tab, cols, shift, d_prev, d_row)
         if certify:
-            left_state = _left_state(d_prev, l_prev, a, b, left[r], prev_left)
-        _pad_previous(d_prev, l_prev, a, a + width, b + width, prev_left, right_state)
-        _band_row(dist[inv_s[r]], inv_t, r, b, width, acc, d_prev, l_prev, d_row, l_row, left_state, certify)
-        if certify and b + width < n_t:  # right of the band: entered from its last cell or from above
-            h = b + width
-            right_state = right[r] + min(min(d_row[h], l_row[h]), min(d_prev[h], l_prev[h]), right_state)
+            l_prev[width + 1:width + shift + 1] = states[1]  # right of the previous band
+            l_first = _left_state(d_prev, l_prev, shift, left[r], states[0])
+            n_prev = _l_row(tab, cols, shift, d_row, l_prev, l_row, l_first, prev_runs, n_prev, runs)
+            states = (l_first, _right_state(d_prev, l_prev, d_row, l_row, shift, right[r], states[1]))
+            runs, prev_runs = prev_runs, runs
+        acc[r] = d_row[1:width + 1]
         d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
-    return acc, l_prev[n_t] if certify else _INF
+    return acc, l_prev[width] if certify else UNREACHABLE
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
                floors: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, int]:
     """Cumulative DTW cost in the band, ``acc (n_s, width) int64`` (``acc[i, k]`` is cell (i, lo[i] + k)),
-    and a lower bound on the cost of every full-matrix path that leaves the band (``_INF`` without
+    and a lower bound on the cost of every full-matrix path that leaves the band (``UNREACHABLE`` without
     ``floors``: unchecked).
 
     The bound is a second DP in the same pass, L: the cheapest path to a band cell that has left the band
@@ -179,9 +236,9 @@ def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.nd
 
 @numba.njit(cache=True, nogil=True)
 def _at(acc: np.ndarray, lo: np.ndarray, i: int, j: int) -> int:
-    """``D[i, j]``, ``_INF`` outside the band or the matrix."""
+    """``D[i, j]``, ``UNREACHABLE`` outside the band or the matrix."""
     k = j - lo[i]
-    return acc[i, k] if i >= 0 and j >= 0 and 0 <= k < acc.shape[1] else _INF
+    return acc[i, k] if i >= 0 and j >= 0 and 0 <= k < acc.shape[1] else UNREACHABLE
 
 
 @numba.njit(cache=True, nogil=True)
@@ -219,12 +276,11 @@ def exact_banded_path(src: np.ndarray, tgt: np.ndarray, target_starts: np.ndarra
     n_t = len(tgt)
     half = max(DTW_HALF_BAND, n_t // DTW_BAND_SHARE) if half is None else half
     dist, inv_s, inv_t = pair_costs(src, tgt)
-    tables = floor_tables(dist, inv_t)
     while True:
         width = min(n_t, 2 * half + 1)
-        lo = _band_starts(target_starts, source_starts, half)
-        if _band_is_connected(lo, width, n_t):
-            acc, bound = banded_dtw(dist, inv_s, inv_t, lo, width, side_floors(tables, inv_s, lo, width))
+        lo = band_starts(target_starts, source_starts, half)
+        if band_is_connected(lo, width, n_t):
+            acc, bound = banded_dtw(dist, inv_s, inv_t, lo, width, side_floors(dist, inv_s, inv_t, lo, width))
             if acc[-1, -1] < bound:
                 return dtw_backtrack(acc, lo, n_t)
         half *= 2
