@@ -21,6 +21,7 @@ from rapidfuzz.distance import Levenshtein
 UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
 DTW_BAND_SHARE = 32  # initial half-width at least n_t / 32 (the bound's slack grows with the text)
+_BLOCK = 8  # L near the band's edges is computed in blocks of this many cells
 
 
 def pair_costs(src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,115 +107,126 @@ def band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
     return bool(lo[0] == 0 and lo[-1] + width == n_t and np.all(np.diff(lo) < width))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _d_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray) -> None:
-    """One band row of D. Rows are padded: index 0 is the cell left of the band, 1..width the band, then
-    the cells right of it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's
-    target strings, ``shift``: how far the band starts right of the previous row's."""
-    d = UNREACHABLE
-    for k in range(len(cols)):
+@numba.njit(cache=True, nogil=True)
+def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray, start: int,
+             stop: int, d: int) -> int:
+    """D over band cells ``start .. stop-1`` of a row, ``d`` the cell left of ``start``; returns the last.
+
+    Rows are padded: index 0 is the cell left of the band, 1..width the band, then the cells right of
+    it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's target strings,
+    ``shift``: how far the band starts right of the previous row's."""
+    for k in range(start, stop):
         d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + tab[cols[k]]
         d_row[k + 1] = d
+    return d
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _seed(i: int, runs: np.ndarray, n_runs: int, shift: int, width: int, l_prev: np.ndarray,
-          l_first: int) -> tuple[int, int]:
-    """The ``i``-th interval (from -1, in order) of cells that a path which left the band may reach from
-    outside this row: the first cell (entered from the left), below the previous row's live runs, and
-    the last ``shift`` cells (entered from the right of the previous band)."""
-    if i < 0:
-        return 0, (1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0)
-    if i < n_runs:
-        return max(runs[0, i] - shift, 0), min(runs[1, i] - shift + 1, width)
-    return width - shift, (width if l_prev[width + 1] < UNREACHABLE else 0)
+@numba.njit(cache=True, nogil=True)
+def _l_at(l_row: np.ndarray, i: int, live: tuple[int, int]) -> int:
+    """L at padded index ``i`` of a row whose live cells lie in band cells ``[0, live[0])`` and
+    ``[live[1], width)`` (and the pads); the cells in between hold stale values and count as none."""
+    return l_row[i] if i <= live[0] or i > live[1] else UNREACHABLE
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _l_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_row: np.ndarray, l_prev: np.ndarray,
-           l_row: np.ndarray, l_first: int, prev_runs: np.ndarray, n_prev: int, runs: np.ndarray) -> int:
-    """One band row of L, the cheapest path to a cell that left the band before, computed only where it
-    is live: a cell where L > D is set to ``UNREACHABLE`` (any path through it is beaten by the band
-    path to it, and the bound decides only ``L <= D`` or not, so nothing the certificate needs is lost).
-    Writes runs ``[start, stop)`` that hold the row's live cells to ``runs (2, ·)``, returns their number.
-    Padded like D."""
-    width = len(cols)
-    l_row[0], l_row[1:width + 1] = l_first, UNREACHABLE
-    n, k = 0, 0  # runs written, first cell not computed yet
-    for i in range(-1, n_prev + 1):
-        start, stop = _seed(i, prev_runs, n_prev, shift, width, l_prev, l_first)
-        k = max(k, start)
-        first, last, cost = width, -1, l_row[k]  # cost: L of the cell to the left (computed, or none)
-        while k < width and (k < stop or cost < UNREACHABLE):
-            cost = min(min(l_prev[k + shift], l_prev[k + shift + 1]), cost) + tab[cols[k]]
-            cost = cost if cost <= d_row[k + 1] else UNREACHABLE
+@numba.njit(cache=True, nogil=True)
+def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
+              l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
+              cost: int) -> tuple[int, int, int, int, int]:
+    """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
+    chains); ``live``: the previous row's. L is pruned to
+    ``UNREACHABLE`` where L > D (a band path reaches the cell cheaper). Returns ``(k, d, cost, first,
+    last)``: the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
+    """
+    first, last = len(cols), -1
+    while k < len(cols) and (k < stop or cost < UNREACHABLE):
+        for _ in range(min(_BLOCK, len(cols) - k)):  # a fixed count: no mispredicted exit per cell
+            c = tab[cols[k]]
+            d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
+            d_row[k + 1] = d
+            cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
+            cost = cost if cost <= d else UNREACHABLE
             l_row[k + 1] = cost
             first, last = (min(first, k), k) if cost < UNREACHABLE else (first, last)
             k += 1
-        if last >= 0:
-            n = _add_run(runs, n, first, last + 1)
-    return n
+    return k, d, cost, first, last
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _add_run(runs: np.ndarray, n: int, start: int, stop: int) -> int:
-    """Appends ``[start, stop)`` to the ``n`` runs, merged with the last one where they touch."""
-    if n > 0 and runs[1, n - 1] >= start:
-        runs[1, n - 1] = max(runs[1, n - 1], stop)
-        return n
-    runs[0, n], runs[1, n] = start, stop
-    return n + 1
+@numba.njit(cache=True, nogil=True)
+def _dl_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
+            l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], l_first: int) -> tuple[int, int]:
+    """One band row of D and of L (the cheapest path to the cell that left the band before). L is live
+    near the band's edges only: it is computed from the left edge (entered from the left, or below the
+    previous row's live cells) and from the right (below live cells, or entered from the right of the
+    previous band), D alone in between. Returns the row's ``live`` interval bounds (see :func:`_l_at`).
+    """
+    width = len(cols)
+    l_row[0] = l_first
+    left_seed = 1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0
+    stop = max(left_seed, live[0] - shift + 1 if live[0] > 0 else 0)
+    k, d, cost, _, last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, 0, stop, UNREACHABLE,
+                                    l_first)
+    right_seed = width - shift if l_prev[width + 1] < UNREACHABLE else width
+    start = max(k, min(live[1] - shift if live[1] < width else width, right_seed))
+    d = _d_cells(tab, cols, shift, d_prev, d_row, k, start, d)
+    cost = cost if start == k else UNREACHABLE
+    _, _, _, first, right_last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, start, width,
+                                           d, cost)
+    return last + 1, (first if right_last >= 0 else width)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, shift: int, floor: int, state: int) -> int:
-    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from the
-    previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
+@numba.njit(cache=True, nogil=True)
+def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, live: tuple[int, int], shift: int, floor: int,
+                state: int) -> int:
+    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from
+    the previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
     leftmost cheapest such cell is not entered from its left neighbour)."""
     if floor == UNREACHABLE:
         return UNREACHABLE
     best = state
-    for k in range(1, shift + 1):  # the previous band's cells that lie left of this one
-        best = min(best, d_prev[k], l_prev[k])
+    for i in range(1, shift + 1):  # the previous band's cells that lie left of this one
+        best = min(best, d_prev[i], _l_at(l_prev, i, live))
     return floor + best
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _right_state(d_prev: np.ndarray, l_prev: np.ndarray, d_row: np.ndarray, l_row: np.ndarray, shift: int,
-                 floor: int, state: int) -> int:
+@numba.njit(cache=True, nogil=True)
+def _right_state(d_prev: np.ndarray, d_row: np.ndarray, l_prev: np.ndarray, l_row: np.ndarray,
+                 live: tuple[int, int], row_live: tuple[int, int], shift: int, floor: int, state: int) -> int:
     """The same right of the band: entered from the band's last cell, from the cell above it, or from
     the previous row's cells right of the band (``state``)."""
     if floor == UNREACHABLE:
         return UNREACHABLE
     width = (len(d_row) - 1) // 2
-    up = min(d_prev[width + shift], l_prev[width + shift])
-    return floor + min(min(d_row[width], l_row[width]), up, state)
+    up = min(d_prev[width + shift], _l_at(l_prev, width + shift, live))
+    return floor + min(min(d_row[width], _l_at(l_row, width, row_live)), up, state)
 
 
 @numba.njit(cache=True, nogil=True)
 def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
                left: np.ndarray, right: np.ndarray, certify: bool) -> tuple[np.ndarray, int]:
-    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else ``UNREACHABLE``)."""
+    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else
+    ``UNREACHABLE``)."""
     n = len(lo)
     acc = np.empty((n, width), np.int64)
     d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
     l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    runs, prev_runs, n_prev = np.empty((2, width + 1), np.int64), np.empty((2, width + 1), np.int64), 0
     d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
     acc[0] = d_prev[1:width + 1]
+    live = (0, width)  # row 0: no live L
     states = (UNREACHABLE, right[0] + acc[0, width - 1] if right[0] < UNREACHABLE else UNREACHABLE)
     for r in range(1, n):
         shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
-        _d_row(tab, cols, shift, d_prev, d_row)
         if certify:
             l_prev[width + 1:width + shift + 1] = states[1]  # right of the previous band
-            l_first = _left_state(d_prev, l_prev, shift, left[r], states[0])
-            n_prev = _l_row(tab, cols, shift, d_row, l_prev, l_row, l_first, prev_runs, n_prev, runs)
-            states = (l_first, _right_state(d_prev, l_prev, d_row, l_row, shift, right[r], states[1]))
-            runs, prev_runs = prev_runs, runs
+            l_first = _left_state(d_prev, l_prev, live, shift, left[r], states[0])
+            row_live = _dl_row(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, l_first)
+            states = (l_first, _right_state(d_prev, d_row, l_prev, l_row, live, row_live, shift, right[r],
+                                            states[1]))
+            live = row_live
+        else:
+            _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
         acc[r] = d_row[1:width + 1]
         d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
-    return acc, l_prev[width] if certify else UNREACHABLE
+    return acc, _l_at(l_prev, width, live) if certify else UNREACHABLE
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
