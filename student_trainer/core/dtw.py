@@ -20,8 +20,7 @@ from rapidfuzz.distance import Levenshtein
 
 UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
-DTW_BAND_SHARE = 32  # initial half-width at least n_t / 32 (the bound's slack grows with the text)
-_BLOCK = 8  # L near the band's edges is computed in blocks of this many cells
+DTW_BAND_SHARE = 64  # initial half-width at least n_t / 64 (the bound's slack grows with the text)
 
 
 def pair_costs(src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,7 +124,8 @@ def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, 
 def _l_at(l_row: np.ndarray, i: int, live: tuple[int, int]) -> int:
     """L at padded index ``i`` of a row whose live cells lie in band cells ``[0, live[0])`` and
     ``[live[1], width)`` (and the pads); the cells in between hold stale values and count as none."""
-    return l_row[i] if i <= live[0] or i > live[1] else UNREACHABLE
+    value = l_row[i]  # loaded either way, so that the choice compiles to a select, not a branch
+    return value if (i <= live[0]) | (i > live[1]) else UNREACHABLE
 
 
 @numba.njit(cache=True, nogil=True)
@@ -133,21 +133,21 @@ def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray,
               l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
               cost: int) -> tuple[int, int, int, int, int]:
     """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
-    chains); ``live``: the previous row's. L is pruned to
-    ``UNREACHABLE`` where L > D (a band path reaches the cell cheaper). Returns ``(k, d, cost, first,
+    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D (a band path
+    reaches the cell cheaper). Returns ``(k, d, cost, first,
     last)``: the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
     """
     first, last = len(cols), -1
     while k < len(cols) and (k < stop or cost < UNREACHABLE):
-        for _ in range(min(_BLOCK, len(cols) - k)):  # a fixed count: no mispredicted exit per cell
-            c = tab[cols[k]]
-            d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
-            d_row[k + 1] = d
-            cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
-            cost = cost if cost <= d else UNREACHABLE
-            l_row[k + 1] = cost
-            first, last = (min(first, k), k) if cost < UNREACHABLE else (first, last)
-            k += 1
+        c = tab[cols[k]]
+        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
+        d_row[k + 1] = d
+        cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
+        cost = cost if cost <= d else UNREACHABLE
+        l_row[k + 1] = cost
+        alive = cost < UNREACHABLE
+        first, last = min(first, k) if alive else first, k if alive else last
+        k += 1
     return k, d, cost, first, last
 
 
@@ -281,7 +281,7 @@ def exact_banded_path(src: np.ndarray, tgt: np.ndarray, target_starts: np.ndarra
     ``(source_pos, target_pos)`` from the last cell back to (0, 0).
 
     The band is centred on the target token where each source token starts (``*_starts``: char offsets),
-    with initial half-width ``half`` (default max(64, n_t / 32)); it doubles until its best path is strictly
+    with initial half-width ``half`` (default max(64, n_t / 64)); it doubles until its best path is strictly
     cheaper than the bound on paths that leave it — then no such path can be optimal, nor win a tie, and
     the banded backtrack makes the full matrix's choices — or until it covers the whole matrix.
     """
