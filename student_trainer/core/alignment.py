@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from student_trainer.core.dtw import exact_banded_path
+from student_trainer.core.dtw import Coded, coded, exact_banded_path
 from student_trainer.core.vocab import build_vocab_map, canonical_strings
 
 
@@ -168,7 +168,17 @@ def dtw_path(src: np.ndarray, tgt: np.ndarray, target: Tokens, source: Tokens,
              half: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MinED DTW path over token strings ``src (n_s,)``, ``tgt (n_t,)`` (object arrays of str), its band
     placed by the tokens' char offsets: exactly the full DTW's path (:func:`dtw.exact_banded_path`)."""
-    return exact_banded_path(src, tgt, target.offsets[:, 0], source.offsets[:, 0], half)
+    return exact_banded_path(coded(src), coded(tgt), target.offsets[:, 0], source.offsets[:, 0], half)
+
+
+def coded_ids(table: np.ndarray, ids: np.ndarray) -> Coded:
+    """The DTW strings of token ids as :data:`dtw.Coded`, numbered by distinct id (numpy, not a Python loop
+    over tokens; two ids with one string give two equal entries, which changes no cost)."""
+    distinct, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return lookup(table, distinct[order], "").tolist(), rank[inverse]
 
 
 def _one_to_one(path_i: np.ndarray, path_j: np.ndarray, n_t: int) -> np.ndarray:
@@ -193,8 +203,8 @@ def mined_positions(target: Tokens, source: Tokens, pair: VocabPair) -> np.ndarr
     s_ids, t_ids = source.ids.astype(np.int64), target.ids.astype(np.int64)
     if len(s_ids) == 0 or len(t_ids) == 0:
         return np.full(len(t_ids), -1, np.int64)
-    src, tgt = lookup(pair.source_stripped, s_ids, ""), lookup(pair.target_stripped, t_ids, "")
-    path_i, path_j = dtw_path(src, tgt, target, source)
+    src, tgt = coded_ids(pair.source_stripped, s_ids), coded_ids(pair.target_stripped, t_ids)
+    path_i, path_j = exact_banded_path(src, tgt, target.offsets[:, 0], source.offsets[:, 0])
     pos = _one_to_one(path_i, path_j, len(t_ids))
     rows = np.flatnonzero(pos >= 0)
     s_canon = lookup(pair.source_canon, s_ids[pos[rows]], "")

@@ -13,6 +13,8 @@ compiled once per machine, then loaded from ``__pycache__``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 from rapidfuzz import process
@@ -23,20 +25,23 @@ DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
 DTW_BAND_SHARE = 64  # initial half-width at least n_t / 64 (the bound's slack grows with the text)
 
 
-def pair_costs(src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edit distances between the distinct strings, ``dist (U_s, U_t) int32``, and each token's row or
-    column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64. Distinct strings are numbered in order of first
-    occurrence, which :func:`side_floors` relies on."""
-    (us, inv_s), (ut, inv_t) = _codes(src), _codes(tgt)
-    dist = process.cdist(us, ut, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    return dist, inv_s, inv_t
+Coded = tuple[list[str], np.ndarray]  # distinct strings in order of first occurrence, each token's index
 
 
-def _codes(strings: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """The distinct strings in order of first occurrence and each string's index among them."""
+def coded(strings: Sequence[str]) -> Coded:
+    """Token strings as :data:`Coded`: the distinct strings, first occurrence first, and each token's
+    index among them ``(n,) int64``."""
     index: dict[str, int] = {}
     codes = np.fromiter((index.setdefault(s, len(index)) for s in strings), np.int64, len(strings))
     return list(index), codes
+
+
+def pair_costs(src: Coded, tgt: Coded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edit distances between the distinct strings, ``dist (U_s, U_t) int32``, and each token's row or
+    column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64 (numbered by first occurrence, which
+    :func:`side_floors` relies on; a string listed twice is harmless)."""
+    dist = process.cdist(src[0], tgt[0], scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    return dist, src[1], tgt[1]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -275,9 +280,9 @@ def dtw_backtrack(acc: np.ndarray, lo: np.ndarray, n_t: int) -> tuple[np.ndarray
     return path_i[:k + 1].copy(), path_j[:k + 1].copy()
 
 
-def exact_banded_path(src: np.ndarray, tgt: np.ndarray, target_starts: np.ndarray, source_starts: np.ndarray,
+def exact_banded_path(src: Coded, tgt: Coded, target_starts: np.ndarray, source_starts: np.ndarray,
                       half: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The full DTW's path over ``src (n_s,)`` × ``tgt (n_t,)`` (object arrays of str), as
+    """The full DTW's path over the ``n_s`` source × ``n_t`` target token strings (:data:`Coded`), as
     ``(source_pos, target_pos)`` from the last cell back to (0, 0).
 
     The band is centred on the target token where each source token starts (``*_starts``: char offsets),
@@ -285,7 +290,7 @@ def exact_banded_path(src: np.ndarray, tgt: np.ndarray, target_starts: np.ndarra
     cheaper than the bound on paths that leave it — then no such path can be optimal, nor win a tie, and
     the banded backtrack makes the full matrix's choices — or until it covers the whole matrix.
     """
-    n_t = len(tgt)
+    n_t = len(tgt[1])
     half = max(DTW_HALF_BAND, n_t // DTW_BAND_SHARE) if half is None else half
     dist, inv_s, inv_t = pair_costs(src, tgt)
     while True:

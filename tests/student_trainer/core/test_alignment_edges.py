@@ -24,6 +24,7 @@ from student_trainer.core.dtw import (
     band_is_connected,
     band_starts,
     banded_dtw,
+    coded,
     pair_costs,
     side_floors,
 )
@@ -105,7 +106,7 @@ def test_band_bound_is_below_every_path_that_leaves_the_band(case):
     src, tgt, tgt_tok, src_tok, half = case
     width, lo = _connected_band(tgt_tok, src_tok, half)
     s, t = np.array(src, object), np.array(tgt, object)
-    dist, inv_s, inv_t = pair_costs(s, t)
+    dist, inv_s, inv_t = pair_costs(coded(s), coded(t))
     acc, bound = banded_dtw(dist, inv_s, inv_t, lo, width, side_floors(dist, inv_s, inv_t, lo, width))
     stay, leave = plain_band_costs(src, tgt, lo, width)
     assert acc[-1, -1] == stay
@@ -128,7 +129,7 @@ def test_side_floors_are_the_cheapest_cells_outside_the_band(case, width):
     src, tgt, tgt_tok, src_tok, half = case
     width = min(width, len(tgt))
     lo = np.minimum(band_starts(tgt_tok.offsets[:, 0], src_tok.offsets[:, 0], half), len(tgt) - width)
-    dist, inv_s, inv_t = pair_costs(np.array(src, object), np.array(tgt, object))
+    dist, inv_s, inv_t = pair_costs(coded(src), coded(tgt))
     left, right = side_floors(dist, inv_s, inv_t, lo, width)
     full = dist[inv_s][:, inv_t].astype(np.int64)
     for i, start in enumerate(lo.tolist()):
