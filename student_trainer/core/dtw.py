@@ -138,9 +138,10 @@ def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray,
               l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
               cost: int) -> tuple[int, int, int, int, int]:
     """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
-    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D (a band path
-    reaches the cell cheaper). Returns ``(k, d, cost, first,
-    last)``: the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
+    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D: a band path reaches
+    the cell cheaper, so nothing that leaves the band through it can beat or tie the band's best path
+    without leaving again (which the band path's own L covers). Returns ``(k, d, cost, first, last)``:
+    the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
     """
     first, last = len(cols), -1
     while k < len(cols) and (k < stop or cost < UNREACHABLE):
@@ -237,13 +238,14 @@ def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.nd
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
                floors: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, int]:
     """Cumulative DTW cost in the band, ``acc (n_s, width) int64`` (``acc[i, k]`` is cell (i, lo[i] + k)),
-    and a lower bound on the cost of every full-matrix path that leaves the band (``UNREACHABLE`` without
-    ``floors``: unchecked).
+    and the bound: above ``acc[-1, -1]`` exactly when every full-matrix path that leaves the band costs
+    more than the band's best (``UNREACHABLE`` without ``floors``: unchecked).
 
-    The bound is a second DP in the same pass, L: the cheapest path to a band cell that has left the band
-    before, where a row's cells left (right) of the band are lumped into one state worth the row's floor
-    there (:func:`side_floors`) plus its cheapest way in. Every path that leaves the band pays at least L
-    at the last cell.
+    The bound is a second DP in the same pass, L: a lower bound on the cheapest path to a band cell that
+    has left the band before, where a row's cells left (right) of the band are lumped into one state worth
+    the row's floor there (:func:`side_floors`) plus its cheapest way in. L is kept only where it is not
+    above D (see :func:`_dl_cells`), which near the band's edges is a few cells per row; the bound is L at
+    the last cell (``UNREACHABLE`` once pruned).
     """
     if floors is None:
         none = np.zeros(len(lo), np.int64)
