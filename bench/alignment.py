@@ -211,8 +211,9 @@ def bench_trainer_terms(corpus: dict[str, str], pairs: dict[str, VocabPair], len
     (one, one_busy), (many, many_busy) = runs[1], runs[cores]
     print(f"trainer terms: {len(TEACHERS)} sources x micro-batch of {MICRO_BATCH} x {length} tokens "
           f"({tokens} student tokens, teachers {', '.join(TEACHERS)} -> {STUDENT}):\n"
-          f"{'':>26}1 thread {one * 1e3:,.0f} ms/micro-batch ({one_busy:.2f} cores busy); "
-          f"{cores} threads {many * 1e3:,.0f} ms/micro-batch ({many_busy:.2f} cores busy); "
+          f"{'':>26}1 thread {one * 1e3:,.0f} ms/micro-batch ({one_busy:.2f} cores busy, "
+          f"{one * one_busy * 1e3:,.0f} CPU-ms); {cores} threads {many * 1e3:,.0f} ms/micro-batch "
+          f"({many_busy:.2f} cores busy, {many * many_busy * 1e3:,.0f} CPU-ms); "
           f"parallel speed-up {one / many:.2f}x, load average {os.getloadavg()[0]:.2f}; "
           f"GIL released for <= {gil_free_share(batch):.0%} of the aligner's time", flush=True)
 
