@@ -9,10 +9,11 @@ Pure maths on numpy arrays. Two aligners share one signature and one output (``A
   source token that equals it (same canonical string, spaces kept; or through the vocab map; at position
   0 also when one has exactly one more leading space, SentencePiece's dummy prefix) takes that source
   position's top-k.
-  Fast: the costs come from one compiled ``cdist`` over the distinct strings, and the DTW runs row by
-  row in a band around the character diagonal with numpy (no Python work per cell). Exact: the band
-  widens until a lower bound on every path that leaves it (:func:`dtw.band_lower_bound`) is strictly above
-  the band's best path, so the result is the full O(n·m) DTW's path, tie-breaking included.
+  Fast: the costs come from one compiled ``cdist`` over the distinct strings, and the DTW runs in a band
+  around the character diagonal in compiled kernels that release the GIL (:mod:`dtw`). Exact: the band
+  widens until a lower bound on every path that leaves it, computed in the same pass
+  (:func:`dtw.banded_dtw`), is strictly above the band's best path, so the result is the full O(n·m)
+  DTW's path, tie-breaking included.
 - ``offsets``: target position i takes the top-k of the source position that ends at the same
   character boundary, i.e. has read exactly the same text.
 
