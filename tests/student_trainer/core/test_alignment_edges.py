@@ -13,6 +13,7 @@ from student_trainer.core.alignment import (
     ALIGNERS,
     TeacherOutput,
     Tokens,
+    coded_ids,
     dtw_path,
     make_vocab_pair,
     mined_positions,
@@ -25,6 +26,7 @@ from student_trainer.core.dtw import (
     band_starts,
     banded_dtw,
     coded,
+    exact_banded_path,
     pair_costs,
     side_floors,
 )
@@ -112,6 +114,21 @@ def test_band_bound_is_below_every_path_that_leaves_the_band(case):
     assert acc[-1, -1] == stay
     assert min(bound, acc[-1, -1] + 1) <= leave
     assert banded_dtw(dist, inv_s, inv_t, lo, width, None)[0].tolist() == acc.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(adversarial(), st.randoms(use_true_random=False))
+def test_dtw_over_token_ids_with_shared_strings_is_the_full_dtw(case, rng):
+    """The aligner codes strings by distinct token id (coded_ids); ids that share a string (SentencePiece
+    "▁a" and "a" both compare as "a") give repeated rows and columns, which must change nothing."""
+    src, tgt, tgt_tok, src_tok, half = case
+    table = np.array(sorted(set(src) | set(tgt)) * 2, dtype=object)  # every string under two ids
+    first = {text: i for i, text in reversed(list(enumerate(table.tolist())))}
+    ids = [np.array([first[x] + rng.choice([0, len(table) // 2]) for x in xs], np.int64) for xs in (src, tgt)]
+    fast = exact_banded_path(coded_ids(table, ids[0]), coded_ids(table, ids[1]), tgt_tok.offsets[:, 0],
+                             src_tok.offsets[:, 0], half)
+    ref = plain_dtw(src, tgt)
+    assert np.array_equal(fast[0], ref[0]) and np.array_equal(fast[1], ref[1])
 
 
 def _connected_band(tgt_tok: Tokens, src_tok: Tokens, half: int) -> tuple[int, np.ndarray]:
