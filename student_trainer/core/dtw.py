@@ -38,8 +38,8 @@ def coded(strings: Sequence[str]) -> Coded:
 
 def pair_costs(src: Coded, tgt: Coded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edit distances between the distinct strings, ``dist (U_s, U_t) int32``, and each token's row or
-    column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64 (numbered by first occurrence, which
-    :func:`side_floors` relies on; a string listed twice is harmless)."""
+    column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64 (numbered by first occurrence, which makes
+    :func:`side_floors` exact rather than only a lower bound; a string listed twice is harmless)."""
     dist = process.cdist(src[0], tgt[0], scorer=Levenshtein.distance, dtype=np.int32, workers=1)
     return dist, src[1], tgt[1]
 
@@ -51,8 +51,9 @@ def side_floors(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.n
     ``UNREACHABLE`` where the row has no cell there. What a path pays, at least, in a row it visits outside.
 
     ``inv_t`` numbers the distinct target strings in order of first occurrence, so the strings left of
-    column p are the first ``seen[p]``; one running minimum per source string, advanced as the band
-    moves right (and stopped at 0), gives every row's floor in one sweep. Right: the same from the end.
+    column p are the first ``seen[p]`` (any other numbering gives a superset: lower floors, still sound);
+    one running minimum per source string, advanced as the band moves right (and stopped at 0), gives
+    every row's floor in one sweep. Right: the same from the end, by last occurrence.
     """
     n, n_t = len(lo), len(inv_t)
     seen = np.zeros(n_t + 1, np.int64)  # distinct strings among tgt[:p], then among tgt[p:]
