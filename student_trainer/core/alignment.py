@@ -9,10 +9,11 @@ Pure maths on numpy arrays. Two aligners share one signature and one output (``A
   source token that equals it (same canonical string, spaces kept; or through the vocab map; at position
   0 also when one has exactly one more leading space, SentencePiece's dummy prefix) takes that source
   position's top-k.
-  Fast: the costs come from one compiled ``cdist`` over the distinct strings, and the DTW runs row by
-  row in a band around the character diagonal with numpy (no Python work per cell). Exact: the band
-  widens until a lower bound on every path that leaves it (:func:`dtw.band_lower_bound`) is strictly above
-  the band's best path, so the result is the full O(n·m) DTW's path, tie-breaking included.
+  Fast: the costs come from one compiled ``cdist`` over the distinct strings, and the DTW runs in a band
+  around the character diagonal in compiled kernels that release the GIL (:mod:`dtw`). Exact: the band
+  widens until a lower bound on every path that leaves it, computed in the same pass
+  (:func:`dtw.banded_dtw`), is strictly above the band's best path, so the result is the full O(n·m)
+  DTW's path, tie-breaking included.
 - ``offsets``: target position i takes the top-k of the source position that ends at the same
   character boundary, i.e. has read exactly the same text.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from student_trainer.core.dtw import exact_banded_path
+from student_trainer.core.dtw import Coded, coded, exact_banded_path
 from student_trainer.core.vocab import build_vocab_map, canonical_strings
 
 
@@ -168,7 +169,17 @@ def dtw_path(src: np.ndarray, tgt: np.ndarray, target: Tokens, source: Tokens,
              half: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MinED DTW path over token strings ``src (n_s,)``, ``tgt (n_t,)`` (object arrays of str), its band
     placed by the tokens' char offsets: exactly the full DTW's path (:func:`dtw.exact_banded_path`)."""
-    return exact_banded_path(src, tgt, target.offsets[:, 0], source.offsets[:, 0], half)
+    return exact_banded_path(coded(src), coded(tgt), target.offsets[:, 0], source.offsets[:, 0], half)
+
+
+def coded_ids(table: np.ndarray, ids: np.ndarray) -> Coded:
+    """The DTW strings of token ids as :data:`dtw.Coded`, numbered by distinct id (numpy, not a Python loop
+    over tokens; two ids with one string give two equal entries, which changes no cost)."""
+    distinct, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return lookup(table, distinct[order], "").tolist(), rank[inverse]
 
 
 def _one_to_one(path_i: np.ndarray, path_j: np.ndarray, n_t: int) -> np.ndarray:
@@ -193,8 +204,8 @@ def mined_positions(target: Tokens, source: Tokens, pair: VocabPair) -> np.ndarr
     s_ids, t_ids = source.ids.astype(np.int64), target.ids.astype(np.int64)
     if len(s_ids) == 0 or len(t_ids) == 0:
         return np.full(len(t_ids), -1, np.int64)
-    src, tgt = lookup(pair.source_stripped, s_ids, ""), lookup(pair.target_stripped, t_ids, "")
-    path_i, path_j = dtw_path(src, tgt, target, source)
+    src, tgt = coded_ids(pair.source_stripped, s_ids), coded_ids(pair.target_stripped, t_ids)
+    path_i, path_j = exact_banded_path(src, tgt, target.offsets[:, 0], source.offsets[:, 0])
     pos = _one_to_one(path_i, path_j, len(t_ids))
     rows = np.flatnonzero(pos >= 0)
     s_canon = lookup(pair.source_canon, s_ids[pos[rows]], "")

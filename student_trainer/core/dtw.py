@@ -1,24 +1,103 @@
-"""The MinED DTW: exact, but computed in a band around the character diagonal.
+"""The MinED DTW: exact, but computed in a band around the character diagonal, in one compiled pass.
 
-Pure numpy over token strings (the aligner's canonical strings without spaces) and the tokens' start
-characters. D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]) with c the Levenshtein distance;
-the path is backtracked from the last cell with ties broken diagonal > up > left (the paper's). The band
-is a certificate, not a heuristic: :func:`exact_banded_path` widens it until :func:`band_lower_bound`
-proves that no path leaving it can be optimal or win a tie, so the result is the full O(n·m) DTW's path.
+Over token strings (the aligner's canonical strings without spaces) and the tokens' start characters.
+D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]) with c the Levenshtein distance; the path is
+backtracked from the last cell with ties broken diagonal > up > left (the paper's). The band is a
+certificate, not a heuristic: the same pass that fills the band also computes a lower bound on every path
+that leaves it (:func:`banded_dtw`), and :func:`exact_banded_path` widens the band until that bound is
+strictly above the band's best path, so the result is the full O(n·m) DTW's path.
+
+The loops are numba kernels (``nogil``: the trainer's prefetch threads run them in parallel; ``cache``:
+compiled once per machine, then loaded from ``__pycache__``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numba
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-_INF = np.int64(1 << 40)  # "unreachable" DTW cost, exact in int64 arithmetic
+UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
-DTW_BAND_SHARE = 16  # initial half-width at least n_t / 16: the certificate needs wider bands on longer texts
+DTW_BAND_SHARE = 64  # initial half-width at least n_t / 64 (the bound's slack grows with the text)
 
 
-def _band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int) -> np.ndarray:
+Coded = tuple[list[str], np.ndarray]  # distinct strings in order of first occurrence, each token's index
+
+
+def coded(strings: Sequence[str]) -> Coded:
+    """Token strings as :data:`Coded`: the distinct strings, first occurrence first, and each token's
+    index among them ``(n,) int64``."""
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(s, len(index)) for s in strings), np.int64, len(strings))
+    return list(index), codes
+
+
+def pair_costs(src: Coded, tgt: Coded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edit distances between the distinct strings, ``dist (U_s, U_t) int32``, and each token's row or
+    column in it, ``inv_s (n_s,)``, ``inv_t (n_t,)`` int64 (numbered by first occurrence, which makes
+    :func:`side_floors` exact rather than only a lower bound; a string listed twice is harmless)."""
+    dist = process.cdist(src[0], tgt[0], scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    return dist, src[1], tgt[1]
+
+
+@numba.njit(cache=True, nogil=True)
+def side_floors(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray,
+                width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest cell of each row left of its band and right of it: ``left, right (n_s,) int64``,
+    ``UNREACHABLE`` where the row has no cell there. What a path pays, at least, in a row it visits outside.
+
+    ``inv_t`` numbers the distinct target strings in order of first occurrence, so the strings left of
+    column p are the first ``seen[p]`` (any other numbering gives a superset: lower floors, still sound);
+    one running minimum per source string, advanced as the band moves right (and stopped at 0), gives
+    every row's floor in one sweep. Right: the same from the end, by last occurrence.
+    """
+    n, n_t = len(lo), len(inv_t)
+    seen = np.zeros(n_t + 1, np.int64)  # distinct strings among tgt[:p], then among tgt[p:]
+    for p in range(n_t):
+        seen[p + 1] = max(seen[p], inv_t[p] + 1)
+    left = _sweep(dist, inv_s, np.arange(dist.shape[1]), seen[lo], 0, n, 1)
+    order, seen_after = _last_occurrence_order(inv_t, dist.shape[1])
+    right = _sweep(dist, inv_s, order, seen_after[lo + width], n - 1, -1, -1)
+    return left, right
+
+
+@numba.njit(cache=True, nogil=True)
+def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct target strings by last occurrence, latest first, and how many occur in ``tgt[p:]``."""
+    n_t = len(inv_t)
+    order, count, done = np.empty(n_u, np.int64), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
+    k = 0
+    for p in range(n_t - 1, -1, -1):
+        if not done[inv_t[p]]:
+            done[inv_t[p]], order[k] = True, inv_t[p]
+            k += 1
+        count[p] = k
+    return order, count
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, count: np.ndarray, first: int, stop: int,
+           step: int) -> np.ndarray:
+    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none), rows visited in
+    ``range(first, stop, step)``, an order in which ``count`` never decreases."""
+    best = np.full(dist.shape[0], UNREACHABLE, np.int64)
+    done = np.zeros(dist.shape[0], np.int64)  # how far each source string's minimum has advanced
+    out = np.empty(len(inv_s), np.int64)
+    for r in range(first, stop, step):
+        u, k, low = inv_s[r], done[inv_s[r]], best[inv_s[r]]
+        while k < count[r] and low > 0:
+            low = min(low, dist[u, order[k]])
+            k += 1
+        done[u], best[u] = k, low
+        out[r] = low if count[r] > 0 else UNREACHABLE
+    return out
+
+
+def band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int) -> np.ndarray:
     """First target column of each source row's band, centred on the char-aligned target token."""
     n_t = len(target_starts)
     width = min(n_t, 2 * half + 1)
@@ -28,139 +107,200 @@ def _band_starts(target_starts: np.ndarray, source_starts: np.ndarray, half: int
     return np.maximum.accumulate(lo)
 
 
-def _band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
+def band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
     """The band holds both corners and every row overlaps the next, so a monotone path runs inside it."""
     return bool(lo[0] == 0 and lo[-1] + width == n_t and np.all(np.diff(lo) < width))
 
 
-def _band_costs(src: np.ndarray, tgt: np.ndarray, lo: np.ndarray,
-                width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edit distance of every band cell ``(n_s, width) int64`` via one cdist over distinct strings, and
-    the cheapest cell of every row ``(n_s,)`` and column ``(n_t,)`` of the whole matrix."""
-    us, inv_s = np.unique(src, return_inverse=True)
-    ut, inv_t = np.unique(tgt, return_inverse=True)
-    dist = process.cdist(list(us), list(ut), scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    cols = inv_t[lo[:, None] + np.arange(width)]
-    row_min, col_min = dist.min(axis=1)[inv_s], dist.min(axis=0)[inv_t]
-    return dist[inv_s[:, None], cols].astype(np.int64), row_min.astype(np.int64), col_min.astype(np.int64)
+@numba.njit(cache=True, nogil=True)
+def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray, start: int,
+             stop: int, d: int) -> int:
+    """D over band cells ``start .. stop-1`` of a row, ``d`` the cell left of ``start``; returns the last.
+
+    Rows are padded: index 0 is the cell left of the band, 1..width the band, then the cells right of
+    it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's target strings,
+    ``shift``: how far the band starts right of the previous row's."""
+    for k in range(start, stop):
+        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + tab[cols[k]]
+        d_row[k + 1] = d
+    return d
 
 
-def banded_dtw(cost: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Cumulative DTW cost inside the band: ``cost (n_s, W)``, ``lo (n_s,)`` → ``(n_s, W) int64``.
+@numba.njit(cache=True, nogil=True)
+def _l_at(l_row: np.ndarray, i: int, live: tuple[int, int]) -> int:
+    """L at padded index ``i`` of a row whose live cells lie in band cells ``[0, live[0])`` and
+    ``[live[1], width)`` (and the pads); the cells in between hold stale values and count as none."""
+    value = l_row[i]  # loaded either way, so that the choice compiles to a select, not a branch
+    return value if (i <= live[0]) | (i > live[1]) else UNREACHABLE
 
-    D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]). Each row is vectorised: with
-    a = c + min(up, diag) and S the row's prefix sum of c, D = S + cummin(a - S), exact in integers.
+
+@numba.njit(cache=True, nogil=True)
+def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
+              l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
+              cost: int) -> tuple[int, int, int, int, int]:
+    """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
+    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D: a band path reaches
+    the cell cheaper, so nothing that leaves the band through it can beat or tie the band's best path
+    without leaving again (which the band path's own L covers). Returns ``(k, d, cost, first, last)``:
+    the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
     """
-    n, width = cost.shape
-    prefix = np.cumsum(cost, axis=1)
-    rest = cost - prefix  # c - S, added to min(up, diag) in every row
-    out = np.empty((n, width), np.int64)
-    out[0] = prefix[0]
-    prev = np.full(2 * width + 1, _INF, np.int64)  # the previous row in columns 1 .. width, _INF around
-    tmp = np.empty(width, np.int64)
-    for i, k in enumerate(np.diff(lo).tolist(), start=1):
-        prev[1:width + 1] = out[i - 1]
-        np.minimum(prev[1 + k:1 + k + width], prev[k:k + width], out=tmp)
-        tmp += rest[i]
-        row = out[i]
-        np.minimum.accumulate(tmp, out=row)
-        row += prefix[i]
-    return out
+    first, last = len(cols), -1
+    while k < len(cols) and (k < stop or cost < UNREACHABLE):
+        c = tab[cols[k]]
+        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
+        d_row[k + 1] = d
+        cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
+        cost = cost if cost <= d else UNREACHABLE
+        l_row[k + 1] = cost
+        alive = cost < UNREACHABLE
+        first, last = min(first, k) if alive else first, k if alive else last
+        k += 1
+    return k, d, cost, first, last
 
 
-def _band_edges(lo: np.ndarray, width: int, n_t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Band cells (row, column) with a successor outside the band (*exits*) and with a predecessor outside
-    it (*entries*): ``(exit_rows, exit_cols, entry_rows, entry_cols)``."""
+@numba.njit(cache=True, nogil=True)
+def _dl_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
+            l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], l_first: int) -> tuple[int, int]:
+    """One band row of D and of L (the cheapest path to the cell that left the band before). L is live
+    near the band's edges only: it is computed from the left edge (entered from the left, or below the
+    previous row's live cells) and from the right (below live cells, or entered from the right of the
+    previous band), D alone in between. Returns the row's ``live`` interval bounds (see :func:`_l_at`).
+    """
+    width = len(cols)
+    l_row[0] = l_first
+    left_seed = 1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0
+    stop = max(left_seed, live[0] - shift + 1 if live[0] > 0 else 0)
+    k, d, cost, _, last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, 0, stop, UNREACHABLE,
+                                    l_first)
+    right_seed = width - shift if l_prev[width + 1] < UNREACHABLE else width
+    start = max(k, min(live[1] - shift if live[1] < width else width, right_seed))
+    d = _d_cells(tab, cols, shift, d_prev, d_row, k, start, d)
+    cost = cost if start == k else UNREACHABLE
+    _, _, _, first, right_last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, start, width,
+                                           d, cost)
+    return last + 1, (first if right_last >= 0 else width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, live: tuple[int, int], shift: int, floor: int,
+                state: int) -> int:
+    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from
+    the previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
+    leftmost cheapest such cell is not entered from its left neighbour)."""
+    if floor == UNREACHABLE:
+        return UNREACHABLE
+    best = state
+    for i in range(1, shift + 1):  # the previous band's cells that lie left of this one
+        best = min(best, d_prev[i], _l_at(l_prev, i, live))
+    return floor + best
+
+
+@numba.njit(cache=True, nogil=True)
+def _right_state(d_prev: np.ndarray, d_row: np.ndarray, l_prev: np.ndarray, l_row: np.ndarray,
+                 live: tuple[int, int], row_live: tuple[int, int], shift: int, floor: int, state: int) -> int:
+    """The same right of the band: entered from the band's last cell, from the cell above it, or from
+    the previous row's cells right of the band (``state``)."""
+    if floor == UNREACHABLE:
+        return UNREACHABLE
+    width = (len(d_row) - 1) // 2
+    up = min(d_prev[width + shift], _l_at(l_prev, width + shift, live))
+    return floor + min(min(d_row[width], _l_at(l_row, width, row_live)), up, state)
+
+
+@numba.njit(cache=True, nogil=True)
+def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
+               left: np.ndarray, right: np.ndarray, certify: bool) -> tuple[np.ndarray, int]:
+    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else
+    ``UNREACHABLE``)."""
     n = len(lo)
-    rows = np.arange(n)
-    right = lo + width < n_t  # right edge: the cell to the right lies outside
-    jump = np.diff(lo)  # row i's first jump[i] cells have the cell below outside (left of row i+1's band)
-    down_r = np.repeat(rows[:-1], jump)
-    down_c = lo[down_r] + np.arange(len(down_r)) - np.repeat(np.cumsum(jump) - jump, jump)
-    left = lo > 0  # left edge: the cell to the left lies outside
-    # row i+1's last jump[i] cells have the cell above outside (right of row i's band)
-    up_r = np.repeat(rows[1:], jump)
-    up_c = lo[up_r] + width - 1 - (np.arange(len(up_r)) - np.repeat(np.cumsum(jump) - jump, jump))
-    return (np.concatenate([rows[right], down_r]), np.concatenate([(lo + width - 1)[right], down_c]),
-            np.concatenate([rows[left], up_r]), np.concatenate([lo[left], up_c]))
+    acc = np.empty((n, width), np.int64)
+    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
+    l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
+    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
+    acc[0] = d_prev[1:width + 1]
+    live = (0, width)  # row 0: no live L
+    states = (UNREACHABLE, right[0] + acc[0, width - 1] if right[0] < UNREACHABLE else UNREACHABLE)
+    for r in range(1, n):
+        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
+        if certify:
+            l_prev[width + 1:width + shift + 1] = states[1]  # right of the previous band
+            l_first = _left_state(d_prev, l_prev, live, shift, left[r], states[0])
+            row_live = _dl_row(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, l_first)
+            states = (l_first, _right_state(d_prev, d_row, l_prev, l_row, live, row_live, shift, right[r],
+                                            states[1]))
+            live = row_live
+        else:
+            _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
+        acc[r] = d_row[1:width + 1]
+        d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
+    return acc, _l_at(l_prev, width, live) if certify else UNREACHABLE
 
 
-def _pair_bound(d_val: np.ndarray, d_key: np.ndarray, e_val: np.ndarray, e_key: np.ndarray,
-                floor: np.ndarray) -> int:
-    """min of D(a) + (floors strictly between a and b) + E(b) over exits a and entries b with key(a) <= key(b)."""
-    acc = np.concatenate([[0], np.cumsum(floor)])  # acc[k] = sum of floor[:k]
-    best = np.full(len(floor), _INF, np.int64)
-    np.minimum.at(best, d_key, d_val - acc[np.minimum(d_key + 1, len(floor))])
-    best = np.minimum.accumulate(best)
-    return int((best[e_key] + e_val + acc[e_key]).min(initial=_INF))
+def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
+               floors: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, int]:
+    """Cumulative DTW cost in the band, ``acc (n_s, width) int64`` (``acc[i, k]`` is cell (i, lo[i] + k)),
+    and the bound: above ``acc[-1, -1]`` exactly when every full-matrix path that leaves the band costs
+    more than the band's best (``UNREACHABLE`` without ``floors``: unchecked).
 
-
-def band_lower_bound(cost: np.ndarray, acc: np.ndarray, lo: np.ndarray, n_t: int, row_min: np.ndarray,
-                     col_min: np.ndarray) -> int:
-    """A lower bound on the cost of every full-matrix DTW path that leaves the band.
-
-    Such a path leaves the band for the first time after a band cell ``a`` (an *exit*) and comes back for
-    the last time at a band cell ``b`` (an *entry*), with ``a`` before ``b``. Up to ``a`` it runs inside
-    the band, so it costs at least the banded D(a); from ``b`` on at least E(b), the banded DTW run
-    backwards from the last cell; in between it crosses every row (column) strictly between them, each at
-    least that row's (column's) cheapest cell. "Before" is relaxed to rows, and to columns, separately.
+    The bound is a second DP in the same pass, L: a lower bound on the cheapest path to a band cell that
+    has left the band before, where a row's cells left (right) of the band are lumped into one state worth
+    the row's floor there (:func:`side_floors`) plus its cheapest way in. L is kept only where it is not
+    above D (see :func:`_dl_cells`), which near the band's edges is a few cells per row; the bound is L at
+    the last cell (``UNREACHABLE`` once pruned).
     """
-    n, width = cost.shape
-    if width == n_t:
-        return int(_INF)  # nothing lies outside the band
-    back = banded_dtw(cost[::-1, ::-1], (n_t - width - lo)[::-1])[::-1, ::-1]
-    x_r, x_c, e_r, e_c = _band_edges(lo, width, n_t)
-    d_val, e_val = acc[x_r, x_c - lo[x_r]], back[e_r, e_c - lo[e_r]]
-    return max(_pair_bound(d_val, x_r, e_val, e_r, row_min), _pair_bound(d_val, x_c, e_val, e_c, col_min))
+    if floors is None:
+        none = np.zeros(len(lo), np.int64)
+        return _band_pass(dist, inv_s, inv_t, lo, width, none, none, False)
+    return _band_pass(dist, inv_s, inv_t, lo, width, floors[0], floors[1], True)
 
 
+@numba.njit(cache=True, nogil=True)
+def _at(acc: np.ndarray, lo: np.ndarray, i: int, j: int) -> int:
+    """``D[i, j]``, ``UNREACHABLE`` outside the band or the matrix."""
+    k = j - lo[i]
+    return acc[i, k] if i >= 0 and j >= 0 and 0 <= k < acc.shape[1] else UNREACHABLE
+
+
+@numba.njit(cache=True, nogil=True)
 def dtw_backtrack(acc: np.ndarray, lo: np.ndarray, n_t: int) -> tuple[np.ndarray, np.ndarray]:
     """The paper's backtrack from the last cell; ties: diagonal > up (source-1) > left (target-1).
 
     Returns the path as ``(source_pos, target_pos)`` int64 arrays, end to start.
     """
-    width, inf = acc.shape[1], int(_INF)
-    lo_l = lo.tolist()
-
-    def at(i: int, j: int) -> int:
-        k = j - lo_l[i]
-        return acc.item(i, k) if 0 <= k < width else inf
-
-    i, j = len(lo_l) - 1, n_t - 1
-    path_i, path_j = [i], [j]
+    i, j, k = len(lo) - 1, n_t - 1, 0
+    path_i, path_j = np.empty(i + j + 1, np.int64), np.empty(i + j + 1, np.int64)
+    path_i[0], path_j[0] = i, j
     while i > 0 or j > 0:
-        diag = at(i - 1, j - 1) if i > 0 and j > 0 else inf
-        up = at(i - 1, j) if i > 0 else inf
-        left = at(i, j - 1) if j > 0 else inf
+        diag, up, left = _at(acc, lo, i - 1, j - 1), _at(acc, lo, i - 1, j), _at(acc, lo, i, j - 1)
         if diag <= up and diag <= left:
             i, j = i - 1, j - 1
         elif up <= left:
             i -= 1
         else:
             j -= 1
-        path_i.append(i)
-        path_j.append(j)
-    return np.array(path_i, np.int64), np.array(path_j, np.int64)
+        k += 1
+        path_i[k], path_j[k] = i, j
+    return path_i[:k + 1].copy(), path_j[:k + 1].copy()
 
 
-def exact_banded_path(src: np.ndarray, tgt: np.ndarray, target_starts: np.ndarray, source_starts: np.ndarray,
+def exact_banded_path(src: Coded, tgt: Coded, target_starts: np.ndarray, source_starts: np.ndarray,
                       half: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The full DTW's path over ``src (n_s,)`` × ``tgt (n_t,)`` (object arrays of str), as
+    """The full DTW's path over the ``n_s`` source × ``n_t`` target token strings (:data:`Coded`), as
     ``(source_pos, target_pos)`` from the last cell back to (0, 0).
 
     The band is centred on the target token where each source token starts (``*_starts``: char offsets),
-    with initial half-width ``half`` (default max(64, n_t / 16)); it doubles until its best path is strictly
-    cheaper than :func:`band_lower_bound` — then no path that leaves the band can be optimal, nor win a tie,
-    and the banded backtrack makes the full matrix's choices — or until it covers the whole matrix.
+    with initial half-width ``half`` (default max(64, n_t / 64)); it doubles until its best path is strictly
+    cheaper than the bound on paths that leave it — then no such path can be optimal, nor win a tie, and
+    the banded backtrack makes the full matrix's choices — or until it covers the whole matrix.
     """
-    n_t = len(tgt)
+    n_t = len(tgt[1])
     half = max(DTW_HALF_BAND, n_t // DTW_BAND_SHARE) if half is None else half
+    dist, inv_s, inv_t = pair_costs(src, tgt)
     while True:
         width = min(n_t, 2 * half + 1)
-        lo = _band_starts(target_starts, source_starts, half)
-        if _band_is_connected(lo, width, n_t):
-            cost, row_min, col_min = _band_costs(src, tgt, lo, width)
-            acc = banded_dtw(cost, lo)
-            if acc[-1, -1] < band_lower_bound(cost, acc, lo, n_t, row_min, col_min):
+        lo = band_starts(target_starts, source_starts, half)
+        if band_is_connected(lo, width, n_t):
+            acc, bound = banded_dtw(dist, inv_s, inv_t, lo, width, side_floors(dist, inv_s, inv_t, lo, width))
+            if acc[-1, -1] < bound:
                 return dtw_backtrack(acc, lo, n_t)
         half *= 2

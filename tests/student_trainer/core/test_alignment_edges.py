@@ -13,15 +13,26 @@ from student_trainer.core.alignment import (
     ALIGNERS,
     TeacherOutput,
     Tokens,
+    coded_ids,
     dtw_path,
     make_vocab_pair,
     mined_positions,
     offset_positions,
     same_but_dummy_prefix,
 )
+from student_trainer.core.dtw import (
+    UNREACHABLE,
+    band_is_connected,
+    band_starts,
+    banded_dtw,
+    coded,
+    exact_banded_path,
+    pair_costs,
+    side_floors,
+)
 from student_trainer.core.vocab import build_vocab_map, canonical_strings, detect_conventions, is_literal
 from tests.student_trainer.conftest import tokens_of
-from tests.student_trainer.core.reference_dtw import plain_dtw
+from tests.student_trainer.core.reference_dtw import plain_band_costs, plain_dtw
 
 EMPTY = Tokens(np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
 
@@ -86,6 +97,61 @@ def test_banded_dtw_is_the_full_dtw_on_adversarial_text(case):
     fast = dtw_path(np.array(src, object), np.array(tgt, object), tgt_tok, src_tok, half=half)
     ref = plain_dtw(src, tgt)
     assert np.array_equal(fast[0], ref[0]) and np.array_equal(fast[1], ref[1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(adversarial())
+def test_band_bound_is_below_every_path_that_leaves_the_band(case):
+    """The certificate is sound: the bound it reports is at most the cheapest full-matrix path that leaves
+    the band, and when it certifies (bound above the band's best), every such path costs more. Checked on
+    the first connected band, as exact_banded_path meets it."""
+    src, tgt, tgt_tok, src_tok, half = case
+    width, lo = _connected_band(tgt_tok, src_tok, half)
+    s, t = np.array(src, object), np.array(tgt, object)
+    dist, inv_s, inv_t = pair_costs(coded(s), coded(t))
+    acc, bound = banded_dtw(dist, inv_s, inv_t, lo, width, side_floors(dist, inv_s, inv_t, lo, width))
+    stay, leave = plain_band_costs(src, tgt, lo, width)
+    assert acc[-1, -1] == stay
+    assert min(bound, acc[-1, -1] + 1) <= leave
+    assert banded_dtw(dist, inv_s, inv_t, lo, width, None)[0].tolist() == acc.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(adversarial(), st.randoms(use_true_random=False))
+def test_dtw_over_token_ids_with_shared_strings_is_the_full_dtw(case, rng):
+    """The aligner codes strings by distinct token id (coded_ids); ids that share a string (SentencePiece
+    "▁a" and "a" both compare as "a") give repeated rows and columns, which must change nothing."""
+    src, tgt, tgt_tok, src_tok, half = case
+    table = np.array(sorted(set(src) | set(tgt)) * 2, dtype=object)  # every string under two ids
+    first = {text: i for i, text in reversed(list(enumerate(table.tolist())))}
+    ids = [np.array([first[x] + rng.choice([0, len(table) // 2]) for x in xs], np.int64) for xs in (src, tgt)]
+    fast = exact_banded_path(coded_ids(table, ids[0]), coded_ids(table, ids[1]), tgt_tok.offsets[:, 0],
+                             src_tok.offsets[:, 0], half)
+    ref = plain_dtw(src, tgt)
+    assert np.array_equal(fast[0], ref[0]) and np.array_equal(fast[1], ref[1])
+
+
+def _connected_band(tgt_tok: Tokens, src_tok: Tokens, half: int) -> tuple[int, np.ndarray]:
+    n_t = len(tgt_tok.ids)
+    while not band_is_connected(lo := band_starts(tgt_tok.offsets[:, 0], src_tok.offsets[:, 0], half),
+                                min(n_t, 2 * half + 1), n_t):
+        half *= 2
+    return min(n_t, 2 * half + 1), lo
+
+
+@settings(max_examples=200, deadline=None)
+@given(adversarial(), st.integers(1, 48))
+def test_side_floors_are_the_cheapest_cells_outside_the_band(case, width):
+    """Each row's floor left (right) of its band is the cheapest cell there, _INF where there is none."""
+    src, tgt, tgt_tok, src_tok, half = case
+    width = min(width, len(tgt))
+    lo = np.minimum(band_starts(tgt_tok.offsets[:, 0], src_tok.offsets[:, 0], half), len(tgt) - width)
+    dist, inv_s, inv_t = pair_costs(coded(src), coded(tgt))
+    left, right = side_floors(dist, inv_s, inv_t, lo, width)
+    full = dist[inv_s][:, inv_t].astype(np.int64)
+    for i, start in enumerate(lo.tolist()):
+        assert left[i] == full[i, :start].min(initial=UNREACHABLE)
+        assert right[i] == full[i, start + width:].min(initial=UNREACHABLE)
 
 
 def test_band_never_returns_a_costlier_path():
