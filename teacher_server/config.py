@@ -46,7 +46,7 @@ class TeacherConfig(BaseModel):
     max_tokens_per_text: int = Field(4096, ge=1, description="teacher tokens per text (longer: rejected, or truncated on request)")
     max_chars_per_text: int | None = Field(None, ge=1, description=f"characters per text, checked before tokenizing (null: {CHARS_PER_TOKEN} x max_tokens_per_text); longer: rejected, or cut to it before tokenizing on truncate")
     max_tokens_per_request: int = Field(262144, ge=1, description="teacher tokens summed over a request's texts")
-    max_gather_ids: int | None = Field(None, ge=0, le=MAX_UINT32, description="log-probs one request may gather at ids of its choosing (ScoreRequest.gather; m x c summed over its texts, padding included); 0: this teacher does not gather; null: max_top_k x max_tokens_per_request (as many as a top-k of every token) with backend=hf, 0 with backend=vllm (its engine cannot gather)")
+    max_gather_ids: int | None = Field(None, ge=0, le=MAX_UINT32, description="log-probs one request may gather at ids of its choosing (ScoreRequest.gather; m x c summed over its texts, padding included); 0: this teacher does not gather; null: max_top_k x max_tokens_per_request (a top-k's worth), or as many as still fit max_message_bytes beside the top-k if fewer, with backend=hf; 0 with backend=vllm (its engine cannot gather)")
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass (the batcher's token budget)")
     max_batch_texts: int = Field(256, ge=1, description="texts per forward pass")
     max_queue_tokens: int = Field(1048576, ge=1, description="tokens waiting in the queue before requests get RESOURCE_EXHAUSTED")
@@ -81,15 +81,18 @@ class TeacherConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_gather_ids(cls, data: object) -> object:
-        """max_gather_ids left out (or null): the top-k's worth on a backend that gathers, else 0."""
+        """max_gather_ids left out (or null): a top-k's worth on a backend that gathers, or what still fits
+        max_message_bytes beside the top-k when that is fewer (a config that started before still does)."""
         if isinstance(data, dict) and data.get("max_gather_ids") is None:
-            fields = cls.model_fields
-            backend = data.get("backend", fields["backend"].default)
-            top_k = data.get("max_top_k", fields["max_top_k"].default)
-            tokens = data.get("max_tokens_per_request", fields["max_tokens_per_request"].default)
+            def get(name: str) -> int:
+                return int(data.get(name, cls.model_fields[name].default))
+
             with contextlib.suppress(TypeError, ValueError):  # invalid values are named by their own checks
-                ids = int(top_k) * int(tokens) if backend in GATHERING_BACKENDS else 0
-                data = {**data, "max_gather_ids": min(max(ids, 0), MAX_UINT32)}
+                top_k, tokens = get("max_top_k"), get("max_tokens_per_request")
+                room = get("max_message_bytes") - worst_case_response_bytes(tokens, top_k, get("max_texts_per_request"))
+                fits = min(top_k * tokens, room // 4, MAX_UINT32)
+                gathers = data.get("backend", cls.model_fields["backend"].default) in GATHERING_BACKENDS
+                data = {**data, "max_gather_ids": max(fits, 0) if gathers else 0}
         return data
 
     @field_validator("max_memory", mode="before")

@@ -136,3 +136,18 @@ def test_gathered_bytes_count_in_the_start_up_check_at_the_limit_and_one_past():
         load_config(overrides={**limits, "max_message_bytes": fits, "max_gather_ids": 5001})
     for word in (f"max_message_bytes={fits}", "max_gather_ids=5001", f">= {fits + 4}"):
         assert word in str(err.value), str(err.value)
+
+
+def test_max_gather_ids_left_out_takes_what_fits_beside_the_top_k():
+    """A config sized tightly for top-k alone (it started before gather existed) still starts: the default
+    takes only the room left in max_message_bytes, and the worst case then fits exactly (to 3 bytes)."""
+    from teacher_server.limits import worst_case_response_bytes
+
+    tight = {"model": "m", "max_tokens_per_request": 80, "max_top_k": 16, "max_tokens_per_text": 64,
+             "max_message_bytes": 64 * 1024}
+    config = load_config(overrides=tight)
+    assert 0 < config.max_gather_ids < 80 * 16
+    worst = worst_case_response_bytes(80, 16, config.max_texts_per_request, config.max_gather_ids)
+    assert config.max_message_bytes - 4 < worst <= config.max_message_bytes
+    with pytest.raises(ValueError, match="max_gather_ids=1280"):  # asked explicitly, a top-k's worth does not fit
+        load_config(overrides={**tight, "max_gather_ids": 80 * 16})
