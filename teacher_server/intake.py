@@ -106,6 +106,6 @@ def check_response_size(encoded: Sequence[Encoded], texts: Sequence[str], top_k:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"{RESPONSE_TOO_LARGE}: the response could take {size} bytes, over "
                            f"max_message_bytes={info.max_message_bytes}; no retry can help: send fewer tokens per "
-                           "request, a smaller top_k or LOGPROB_FORMAT_FLOAT16",
+                           "request, a smaller top_k, fewer gathered ids or LOGPROB_FORMAT_FLOAT16",
                            RESPONSE_TOO_LARGE, {"max_message_bytes": str(info.max_message_bytes),
                                                 "response_bytes": str(size)})

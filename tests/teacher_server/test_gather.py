@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from protos import codec
 from protos import teacher_pb2 as pb
 from protos.scores import GATHER_PADDING, encode_gather
-from student_trainer.trainer.client import TeacherClient
+from student_trainer.trainer.client import ResponseTooLarge, TeacherClient
 from teacher_server.background import BackgroundServer
 from teacher_server.config import TeacherConfig
 from teacher_server.limits import response_bytes
@@ -302,7 +302,7 @@ def test_gathered_bytes_count_in_the_response_size_at_the_limit_and_one_past(tin
             TeacherClient(f"127.0.0.1:{server.port}", timeout=30) as client:
         got = client.score([text], top_k=k, logprob_format=F32, gather=[([5], np.ones((1, many)))])[0]
         assert got.gathered_logprobs.shape == (1, many)
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(ResponseTooLarge) as err:
             client.score([text], top_k=k, logprob_format=F32, gather=[([5], np.ones((1, many + 1)))])
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        assert f"max_message_bytes={limit}" in err.value.details(), err.value.details()
+        assert (err.value.max_message_bytes, err.value.response_bytes) == (limit, limit + 4)  # one fp32 more
+        assert "fewer gathered ids" in str(err.value)
