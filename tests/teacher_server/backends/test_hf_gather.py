@@ -68,3 +68,17 @@ def test_a_sequence_without_gather_in_a_gathering_batch(llama):
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-6)
     alone = backend.score(batch[:1], 4, [g])[0]
     np.testing.assert_allclose(mixed[0].gathered_logprobs, alone.gathered_logprobs, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gather_on_cuda_equals_the_cpu_backend(llama):
+    """The pairs' rows and ids move to the logits' device per chunk; the values come back to the host once."""
+    import copy
+
+    backend, tokenizer = llama
+    cuda = HFBackend(copy.deepcopy(backend.model).to("cuda"), chunk_tokens=5)
+    batch = [e.ids for e in tokenizer.encode(TEXTS)]
+    gathers = [some_gather(len(ids), cuda.vocab_size, seed) for seed, ids in enumerate(batch)]
+    for a, b in zip(cuda.score(batch, 3, gathers), backend.score(batch, 3, gathers), strict=True):
+        np.testing.assert_allclose(a.gathered_logprobs, b.gathered_logprobs, atol=1e-4)
