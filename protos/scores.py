@@ -1,13 +1,17 @@
-"""Conversion between one scored text (numpy arrays) and its ``ScoredText`` message."""
+"""Conversion between one scored text (numpy arrays) and its ``ScoredText`` message, and a text's
+``GatherSpec`` (where and which ids to gather log-probs at) from numpy arrays."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from protos import codec
 from protos import teacher_pb2 as pb
+
+GATHER_PADDING = 0xFFFFFFFF  # a GatherSpec id that asks nothing (its log-prob is -inf)
 
 LOGPROB_DTYPES = {
     pb.LOGPROB_FORMAT_UNSPECIFIED: np.dtype("<f2"),
@@ -26,6 +30,7 @@ class TeacherScores:
     topk_logprobs: np.ndarray  # (n, k)
     next_logprobs: np.ndarray  # (n-1,)
     truncated: bool = False
+    gathered_logprobs: np.ndarray | None = None  # (m, c) at the request's GatherSpec; None: not asked
 
 
 def encode_scores(s: TeacherScores, vocab_size: int, num_chars: int, logprob_format: int) -> pb.ScoredText:
@@ -38,6 +43,8 @@ def encode_scores(s: TeacherScores, vocab_size: int, num_chars: int, logprob_for
         topk_logprobs=codec.encode(s.topk_logprobs.astype(lp_dtype, copy=False)),
         next_logprobs=codec.encode(s.next_logprobs.astype(lp_dtype, copy=False)),
         truncated=s.truncated,
+        gathered_logprobs=None if s.gathered_logprobs is None
+        else codec.encode(s.gathered_logprobs.astype(lp_dtype, copy=False)),
     )
 
 
@@ -50,4 +57,19 @@ def decode_scores(m: pb.ScoredText) -> TeacherScores:
         topk_logprobs=codec.decode(m.topk_logprobs),
         next_logprobs=codec.decode(m.next_logprobs),
         truncated=m.truncated,
+        gathered_logprobs=codec.decode(m.gathered_logprobs) if m.HasField("gathered_logprobs") else None,
     )
+
+
+def encode_gather(ends: np.ndarray | Sequence[int], ids: np.ndarray | Sequence[Sequence[int]]) -> pb.GatherSpec:
+    """One text's GatherSpec: ``ends (m,)`` character offsets, ``ids (m, c)`` teacher ids with any negative
+    id (or GATHER_PADDING) as padding. Both go as uint32 (see teacher.proto)."""
+    ends, ids = np.asarray(ends, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+    if ids.size == 0 and ids.ndim < 2:
+        ids = ids.reshape(len(ends), 0)  # no ends: an empty list of rows
+    if ids.ndim != 2 or ends.ndim != 1 or ids.shape[0] != ends.shape[0]:
+        raise ValueError(f"gather: ends must be (m,) and ids (m, c); got {ends.shape} and {ids.shape}")
+    if (ends.size and not 0 <= ends.min() <= ends.max() <= GATHER_PADDING) or (ids.size and ids.max() > GATHER_PADDING):
+        raise ValueError("gather: ends and ids must fit uint32 (ends >= 0; a negative id is padding)")
+    ids = np.where(ids < 0, GATHER_PADDING, ids)
+    return pb.GatherSpec(ends=codec.encode(ends.astype("<u4")), ids=codec.encode(ids.astype("<u4")))

@@ -24,37 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/teacher.proto\x12\x0blivefuse.v1\"G\n\x05\x41rray\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.livefuse.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xe8\x03\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0etokenizer_size\x18\x05 \x01(\r\x12\x19\n\x11special_token_ids\x18\x06 \x03(\r\x12\x11\n\tmax_top_k\x18\x07 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x08 \x01(\r\x12\x1b\n\x13max_tokens_per_text\x18\t \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\n \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x0f \x01(\x08\x12\x16\n\x0eserver_version\x18\x10 \x01(\t\x12\x15\n\rdefault_top_k\x18\x11 \x01(\r\x12\x32\n\x0evocab_encoding\x18\x12 \x01(\x0e\x32\x1a.livefuse.v1.VocabEncoding\x12\x1b\n\x13vocab_byte_fallback\x18\x13 \x01(\x08\"%\n\x0fGetVocabRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\r\".\n\nVocabChunk\x12\x10\n\x08start_id\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x86\x01\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x08truncate\x18\x03 \x01(\x08\x12\x32\n\x0elogprob_format\x18\x04 \x01(\x0e\x32\x1a.livefuse.v1.LogprobFormat\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xe7\x01\n\nScoredText\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.livefuse.v1.Array\x12#\n\x07offsets\x18\x02 \x01(\x0b\x32\x12.livefuse.v1.Array\x12$\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x12.livefuse.v1.Array\x12)\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x12.livefuse.v1.Array\x12)\n\rnext_logprobs\x18\x05 \x01(\x0b\x32\x12.livefuse.v1.Array\x12\x11\n\ttruncated\x18\x06 \x01(\x08\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x95\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.livefuse.v1.ScoredText\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.livefuse.v1.ErrorStatus\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t*\xa3\x01\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44_TYPE_UINT8\x10\x01\x12\x11\n\rD_TYPE_UINT16\x10\x02\x12\x11\n\rD_TYPE_UINT32\x10\x03\x12\x10\n\x0c\x44_TYPE_INT32\x10\x04\x12\x10\n\x0c\x44_TYPE_INT64\x10\x05\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x06\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x07*\x8a\x01\n\rVocabEncoding\x12\x1e\n\x1aVOCAB_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14VOCAB_ENCODING_PLAIN\x10\x01\x12 \n\x1cVOCAB_ENCODING_SENTENCEPIECE\x10\x02\x12\x1d\n\x19VOCAB_ENCODING_BYTE_LEVEL\x10\x03*g\n\rLogprobFormat\x12\x1e\n\x1aLOGPROB_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16LOGPROB_FORMAT_FLOAT16\x10\x01\x12\x1a\n\x16LOGPROB_FORMAT_FLOAT32\x10\x02\x32\x9a\x02\n\x07Teacher\x12@\n\x07GetInfo\x12\x1b.livefuse.v1.GetInfoRequest\x1a\x18.livefuse.v1.TeacherInfo\x12\x43\n\x08GetVocab\x12\x1c.livefuse.v1.GetVocabRequest\x1a\x17.livefuse.v1.VocabChunk0\x01\x12>\n\x05Score\x12\x19.livefuse.v1.ScoreRequest\x1a\x1a.livefuse.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.livefuse.v1.ScoreRequest\x1a\x1a.livefuse.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/teacher.proto\x12\x0blivefuse.v1\"G\n\x05\x41rray\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.livefuse.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\x80\x04\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0etokenizer_size\x18\x05 \x01(\r\x12\x19\n\x11special_token_ids\x18\x06 \x03(\r\x12\x11\n\tmax_top_k\x18\x07 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x08 \x01(\r\x12\x1b\n\x13max_tokens_per_text\x18\t \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\n \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x0f \x01(\x08\x12\x16\n\x0eserver_version\x18\x10 \x01(\t\x12\x15\n\rdefault_top_k\x18\x11 \x01(\r\x12\x32\n\x0evocab_encoding\x18\x12 \x01(\x0e\x32\x1a.livefuse.v1.VocabEncoding\x12\x1b\n\x13vocab_byte_fallback\x18\x13 \x01(\x08\x12\x16\n\x0emax_gather_ids\x18\x14 \x01(\r\"%\n\x0fGetVocabRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\r\".\n\nVocabChunk\x12\x10\n\x08start_id\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\xaf\x01\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x08truncate\x18\x03 \x01(\x08\x12\x32\n\x0elogprob_format\x18\x04 \x01(\x0e\x32\x1a.livefuse.v1.LogprobFormat\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x06gather\x18\x06 \x03(\x0b\x32\x17.livefuse.v1.GatherSpec\"O\n\nGatherSpec\x12 \n\x04\x65nds\x18\x01 \x01(\x0b\x32\x12.livefuse.v1.Array\x12\x1f\n\x03ids\x18\x02 \x01(\x0b\x32\x12.livefuse.v1.Array\"\x96\x02\n\nScoredText\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.livefuse.v1.Array\x12#\n\x07offsets\x18\x02 \x01(\x0b\x32\x12.livefuse.v1.Array\x12$\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x12.livefuse.v1.Array\x12)\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x12.livefuse.v1.Array\x12)\n\rnext_logprobs\x18\x05 \x01(\x0b\x32\x12.livefuse.v1.Array\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12-\n\x11gathered_logprobs\x18\x07 \x01(\x0b\x32\x12.livefuse.v1.Array\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x95\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.livefuse.v1.ScoredText\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.livefuse.v1.ErrorStatus\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t*\xa3\x01\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44_TYPE_UINT8\x10\x01\x12\x11\n\rD_TYPE_UINT16\x10\x02\x12\x11\n\rD_TYPE_UINT32\x10\x03\x12\x10\n\x0c\x44_TYPE_INT32\x10\x04\x12\x10\n\x0c\x44_TYPE_INT64\x10\x05\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x06\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x07*\x8a\x01\n\rVocabEncoding\x12\x1e\n\x1aVOCAB_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14VOCAB_ENCODING_PLAIN\x10\x01\x12 \n\x1cVOCAB_ENCODING_SENTENCEPIECE\x10\x02\x12\x1d\n\x19VOCAB_ENCODING_BYTE_LEVEL\x10\x03*g\n\rLogprobFormat\x12\x1e\n\x1aLOGPROB_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16LOGPROB_FORMAT_FLOAT16\x10\x01\x12\x1a\n\x16LOGPROB_FORMAT_FLOAT32\x10\x02\x32\x9a\x02\n\x07Teacher\x12@\n\x07GetInfo\x12\x1b.livefuse.v1.GetInfoRequest\x1a\x18.livefuse.v1.TeacherInfo\x12\x43\n\x08GetVocab\x12\x1c.livefuse.v1.GetVocabRequest\x1a\x17.livefuse.v1.VocabChunk0\x01\x12>\n\x05Score\x12\x19.livefuse.v1.ScoreRequest\x1a\x1a.livefuse.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.livefuse.v1.ScoreRequest\x1a\x1a.livefuse.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1276
-  _globals['_DTYPE']._serialized_end=1439
-  _globals['_VOCABENCODING']._serialized_start=1442
-  _globals['_VOCABENCODING']._serialized_end=1580
-  _globals['_LOGPROBFORMAT']._serialized_start=1582
-  _globals['_LOGPROBFORMAT']._serialized_end=1685
+  _globals['_DTYPE']._serialized_start=1469
+  _globals['_DTYPE']._serialized_end=1632
+  _globals['_VOCABENCODING']._serialized_start=1635
+  _globals['_VOCABENCODING']._serialized_end=1773
+  _globals['_LOGPROBFORMAT']._serialized_start=1775
+  _globals['_LOGPROBFORMAT']._serialized_end=1878
   _globals['_ARRAY']._serialized_start=37
   _globals['_ARRAY']._serialized_end=108
   _globals['_GETINFOREQUEST']._serialized_start=110
   _globals['_GETINFOREQUEST']._serialized_end=126
   _globals['_TEACHERINFO']._serialized_start=129
-  _globals['_TEACHERINFO']._serialized_end=617
-  _globals['_GETVOCABREQUEST']._serialized_start=619
-  _globals['_GETVOCABREQUEST']._serialized_end=656
-  _globals['_VOCABCHUNK']._serialized_start=658
-  _globals['_VOCABCHUNK']._serialized_end=704
-  _globals['_SCOREREQUEST']._serialized_start=707
-  _globals['_SCOREREQUEST']._serialized_end=841
-  _globals['_SCOREDTEXT']._serialized_start=844
-  _globals['_SCOREDTEXT']._serialized_end=1075
-  _globals['_ERRORSTATUS']._serialized_start=1077
-  _globals['_ERRORSTATUS']._serialized_end=1121
-  _globals['_SCORERESPONSE']._serialized_start=1124
-  _globals['_SCORERESPONSE']._serialized_end=1273
-  _globals['_TEACHER']._serialized_start=1688
-  _globals['_TEACHER']._serialized_end=1970
+  _globals['_TEACHERINFO']._serialized_end=641
+  _globals['_GETVOCABREQUEST']._serialized_start=643
+  _globals['_GETVOCABREQUEST']._serialized_end=680
+  _globals['_VOCABCHUNK']._serialized_start=682
+  _globals['_VOCABCHUNK']._serialized_end=728
+  _globals['_SCOREREQUEST']._serialized_start=731
+  _globals['_SCOREREQUEST']._serialized_end=906
+  _globals['_GATHERSPEC']._serialized_start=908
+  _globals['_GATHERSPEC']._serialized_end=987
+  _globals['_SCOREDTEXT']._serialized_start=990
+  _globals['_SCOREDTEXT']._serialized_end=1268
+  _globals['_ERRORSTATUS']._serialized_start=1270
+  _globals['_ERRORSTATUS']._serialized_end=1314
+  _globals['_SCORERESPONSE']._serialized_start=1317
+  _globals['_SCORERESPONSE']._serialized_end=1466
+  _globals['_TEACHER']._serialized_start=1881
+  _globals['_TEACHER']._serialized_end=2163
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "tokenizer_fingerprint", "vocab_size", "tokenizer_size", "special_token_ids", "max_top_k", "max_texts_per_request", "max_tokens_per_text", "max_tokens_per_request", "max_message_bytes", "dtype", "device", "backend", "add_bos", "server_version", "default_top_k", "vocab_encoding", "vocab_byte_fallback")
+    __slots__ = ("model_name", "architecture", "tokenizer_fingerprint", "vocab_size", "tokenizer_size", "special_token_ids", "max_top_k", "max_texts_per_request", "max_tokens_per_text", "max_tokens_per_request", "max_message_bytes", "dtype", "device", "backend", "add_bos", "server_version", "default_top_k", "vocab_encoding", "vocab_byte_fallback", "max_gather_ids")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class TeacherInfo(_message.Message):
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     VOCAB_ENCODING_FIELD_NUMBER: _ClassVar[int]
     VOCAB_BYTE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    MAX_GATHER_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     tokenizer_fingerprint: str
@@ -100,7 +101,8 @@ class TeacherInfo(_message.Message):
     default_top_k: int
     vocab_encoding: VocabEncoding
     vocab_byte_fallback: bool
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., max_top_k: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., add_bos: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_top_k: _Optional[int] = ..., vocab_encoding: _Optional[_Union[VocabEncoding, str]] = ..., vocab_byte_fallback: _Optional[bool] = ...) -> None: ...
+    max_gather_ids: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., max_top_k: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., add_bos: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_top_k: _Optional[int] = ..., vocab_encoding: _Optional[_Union[VocabEncoding, str]] = ..., vocab_byte_fallback: _Optional[bool] = ..., max_gather_ids: _Optional[int] = ...) -> None: ...
 
 class GetVocabRequest(_message.Message):
     __slots__ = ("chunk_size",)
@@ -117,34 +119,46 @@ class VocabChunk(_message.Message):
     def __init__(self, start_id: _Optional[int] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("texts", "top_k", "truncate", "logprob_format", "request_id")
+    __slots__ = ("texts", "top_k", "truncate", "logprob_format", "request_id", "gather")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FORMAT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     truncate: bool
     logprob_format: LogprobFormat
     request_id: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ..., logprob_format: _Optional[_Union[LogprobFormat, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    gather: _containers.RepeatedCompositeFieldContainer[GatherSpec]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., truncate: _Optional[bool] = ..., logprob_format: _Optional[_Union[LogprobFormat, str]] = ..., request_id: _Optional[str] = ..., gather: _Optional[_Iterable[_Union[GatherSpec, _Mapping]]] = ...) -> None: ...
+
+class GatherSpec(_message.Message):
+    __slots__ = ("ends", "ids")
+    ENDS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ends: Array
+    ids: Array
+    def __init__(self, ends: _Optional[_Union[Array, _Mapping]] = ..., ids: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class ScoredText(_message.Message):
-    __slots__ = ("input_ids", "offsets", "topk_ids", "topk_logprobs", "next_logprobs", "truncated")
+    __slots__ = ("input_ids", "offsets", "topk_ids", "topk_logprobs", "next_logprobs", "truncated", "gathered_logprobs")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NEXT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    GATHERED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     input_ids: Array
     offsets: Array
     topk_ids: Array
     topk_logprobs: Array
     next_logprobs: Array
     truncated: bool
-    def __init__(self, input_ids: _Optional[_Union[Array, _Mapping]] = ..., offsets: _Optional[_Union[Array, _Mapping]] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., next_logprobs: _Optional[_Union[Array, _Mapping]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    gathered_logprobs: Array
+    def __init__(self, input_ids: _Optional[_Union[Array, _Mapping]] = ..., offsets: _Optional[_Union[Array, _Mapping]] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., next_logprobs: _Optional[_Union[Array, _Mapping]] = ..., truncated: _Optional[bool] = ..., gathered_logprobs: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class ErrorStatus(_message.Message):
     __slots__ = ("code", "message")

@@ -74,7 +74,8 @@ class TeacherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
-        """Scores texts: the teacher tokenizes them and returns top-k next-token distributions per position.
+        """Scores texts: the teacher tokenizes them and returns top-k next-token distributions per position, and
+        with ScoreRequest.gather the log-probs at ids the client chooses, at positions it names by character.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

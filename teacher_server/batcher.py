@@ -19,14 +19,16 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from teacher_server.backends.base import ScoreOutput
+from teacher_server.backends.base import Gather, ScoreOutput
 from teacher_server.metrics import TeacherMetrics
 
-ScoreFn = Callable[[Sequence[np.ndarray], int], list[ScoreOutput]]
+ScoreFn = Callable[..., list[ScoreOutput]]
+"""``score(batch, top_k)``, or ``score(batch, top_k, gather)`` (one Gather or None per sequence) when a text of
+the batch gathers (``Backend.score``)."""
 
 
 class QueueFull(Exception):
@@ -51,6 +53,7 @@ class _Item:
     ids: np.ndarray = field(compare=False)
     top_k: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    gather: Gather | None = field(default=None, compare=False)
 
 
 def pick_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_texts: int) -> tuple[int, int]:
@@ -120,8 +123,8 @@ class TokenBudgetBatcher:
         ahead = self._queued_tokens + self._forward_tokens + tokens
         return -(-ahead // self.max_batch_tokens) * per_forward + ahead * per_token
 
-    async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
-                     ) -> list[ScoreOutput]:
+    async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None,
+                     gather: Sequence[Gather | None] | None = None) -> list[ScoreOutput]:
         """Queues the sequences and waits for their scores. Raises QueueFull when over the token bound, and
         Overloaded when ``within_s`` (the caller's time left, read just before this call: it is compared
         before any await) is shorter than the estimated wait."""
@@ -133,7 +136,9 @@ class TokenBudgetBatcher:
             raise Overloaded(f"about {wait:.1f} s of work is queued ahead of this request and its deadline "
                              f"leaves {within_s:.1f} s")
         loop = asyncio.get_running_loop()
-        items = [_Item(len(s), next(self._counter), s, top_k, loop.create_future()) for s in seqs]
+        gathers = gather if gather is not None else [None] * len(seqs)
+        items = [_Item(len(s), next(self._counter), s, top_k, loop.create_future(), g)
+                 for s, g in zip(seqs, gathers, strict=True)]
         for item in items:
             bisect.insort(self._pending, item)
         self._queued_tokens += tokens
@@ -178,8 +183,10 @@ class TokenBudgetBatcher:
             top_k = max(i.top_k for i in batch)
             t0 = self._clock()
             self._forward_tokens = sum(i.length for i in batch)
+            gathers = [i.gather for i in batch]
+            args = (top_k, gathers) if any(g is not None for g in gathers) else (top_k,)
             try:
-                outs = await loop.run_in_executor(self._executor, self._score, [i.ids for i in batch], top_k)
+                outs = await loop.run_in_executor(self._executor, self._score, [i.ids for i in batch], *args)
             except Exception as exc:  # a failed forward fails its requests, never the server
                 for item in batch:
                     if not item.future.done():
@@ -207,4 +214,4 @@ class TokenBudgetBatcher:
 def _slice_k(out: ScoreOutput, k: int) -> ScoreOutput:
     if out.topk_ids.shape[1] == k:
         return out
-    return ScoreOutput(out.topk_ids[:, :k], out.topk_logprobs[:, :k], out.next_logprobs)
+    return replace(out, topk_ids=out.topk_ids[:, :k], topk_logprobs=out.topk_logprobs[:, :k])

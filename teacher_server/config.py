@@ -13,6 +13,8 @@ from protos.config_errors import format_errors
 from teacher_server.limits import CHARS_PER_TOKEN, worst_case_response_bytes
 
 BackendName = Literal["hf", "vllm"]  # the keys of teacher_server.backends.BACKENDS (a test keeps them equal)
+GATHERING_BACKENDS = ("hf",)  # those whose backend can gather log-probs at chosen ids (a test checks can_gather)
+MAX_UINT32 = 2**32 - 1
 
 
 class TeacherConfig(BaseModel):
@@ -44,6 +46,7 @@ class TeacherConfig(BaseModel):
     max_tokens_per_text: int = Field(4096, ge=1, description="teacher tokens per text (longer: rejected, or truncated on request)")
     max_chars_per_text: int | None = Field(None, ge=1, description=f"characters per text, checked before tokenizing (null: {CHARS_PER_TOKEN} x max_tokens_per_text); longer: rejected, or cut to it before tokenizing on truncate")
     max_tokens_per_request: int = Field(262144, ge=1, description="teacher tokens summed over a request's texts")
+    max_gather_ids: int | None = Field(None, ge=0, le=MAX_UINT32, description="log-probs one request may gather at ids of its choosing (ScoreRequest.gather; m x c summed over its texts, padding included); 0: this teacher does not gather; null: max_top_k x max_tokens_per_request (a top-k's worth), or as many as still fit max_message_bytes beside the top-k if fewer, with backend=hf; 0 with backend=vllm (its engine cannot gather)")
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass (the batcher's token budget)")
     max_batch_texts: int = Field(256, ge=1, description="texts per forward pass")
     max_queue_tokens: int = Field(1048576, ge=1, description="tokens waiting in the queue before requests get RESOURCE_EXHAUSTED")
@@ -73,6 +76,23 @@ class TeacherConfig(BaseModel):
             tokens = data.get("max_tokens_per_text", cls.model_fields["max_tokens_per_text"].default)
             with contextlib.suppress(TypeError, ValueError):  # an invalid max_tokens_per_text is named by its own check
                 data = {**data, "max_chars_per_text": CHARS_PER_TOKEN * int(tokens)}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_gather_ids(cls, data: object) -> object:
+        """max_gather_ids left out (or null): a top-k's worth on a backend that gathers, or what still fits
+        max_message_bytes beside the top-k when that is fewer (a config that started before still does)."""
+        if isinstance(data, dict) and data.get("max_gather_ids") is None:
+            def get(name: str) -> int:
+                return int(data.get(name, cls.model_fields[name].default))
+
+            with contextlib.suppress(TypeError, ValueError):  # invalid values are named by their own checks
+                top_k, tokens = get("max_top_k"), get("max_tokens_per_request")
+                room = get("max_message_bytes") - worst_case_response_bytes(tokens, top_k, get("max_texts_per_request"))
+                fits = min(top_k * tokens, room // 4, MAX_UINT32)
+                gathers = data.get("backend", cls.model_fields["backend"].default) in GATHERING_BACKENDS
+                data = {**data, "max_gather_ids": max(fits, 0) if gathers else 0}
         return data
 
     @field_validator("max_memory", mode="before")
@@ -109,6 +129,10 @@ class TeacherConfig(BaseModel):
             raise ValueError("compile does not apply to a model sharded with device_map; set one of them")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
+        if self.max_gather_ids and self.backend not in GATHERING_BACKENDS:
+            raise ValueError(f"max_gather_ids={self.max_gather_ids}: backend={self.backend} cannot gather log-probs "
+                             "at chosen ids (its engine has no such call); leave max_gather_ids unset or 0, or use "
+                             f"backend={' or '.join(GATHERING_BACKENDS)}")
         for small_name, small, big_name, big in checks:
             if small > big:
                 raise ValueError(f"{small_name}={small} must be <= {big_name}={big}")
@@ -117,13 +141,15 @@ class TeacherConfig(BaseModel):
 
     def _response_fits(self) -> None:
         """The largest response the limits allow must fit one gRPC message, or it fails after the work."""
-        worst = worst_case_response_bytes(self.max_tokens_per_request, self.max_top_k, self.max_texts_per_request)
+        gather = self.max_gather_ids or 0
+        worst = worst_case_response_bytes(self.max_tokens_per_request, self.max_top_k, self.max_texts_per_request,
+                                          gather)
         if worst > self.max_message_bytes:
             raise ValueError(
                 f"max_message_bytes={self.max_message_bytes} is too small for the largest response these limits "
-                f"allow: max_tokens_per_request={self.max_tokens_per_request} x max_top_k={self.max_top_k} at "
-                f"fp32 needs up to {worst} bytes; raise max_message_bytes to >= {worst} or lower "
-                "max_tokens_per_request or max_top_k")
+                f"allow: max_tokens_per_request={self.max_tokens_per_request} x max_top_k={self.max_top_k} "
+                f"and max_gather_ids={gather} at fp32 need up to {worst} bytes; raise max_message_bytes to >= "
+                f"{worst} or lower max_tokens_per_request, max_top_k or max_gather_ids")
 
     @property
     def metrics_address(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from teacher_server.backends.base import BackendDead, EngineBackend, ScoreOutput
+from teacher_server.backends.base import BackendDead, EngineBackend, Gather, ScoreOutput
 from teacher_server.batcher import QueueFull
 from teacher_server.metrics import TeacherMetrics
 
@@ -37,13 +37,15 @@ class EngineQueue:
         """Stops the engine; the server calls it after gRPC has drained."""
         await asyncio.get_running_loop().run_in_executor(None, self._backend.close)
 
-    async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None
-                     ) -> list[ScoreOutput]:
+    async def submit(self, seqs: Sequence[np.ndarray], top_k: int, within_s: float | None = None,
+                     gather: Sequence[Gather | None] | None = None) -> list[ScoreOutput]:
         """Hands the sequences to the engine and waits for their scores (QueueFull when over the bound).
 
         ``within_s`` (the caller's time left) is accepted for the batcher's interface but not used: vLLM
         schedules its own requests, so early refusal (``early_refusal``) applies to the HF batcher only.
+        So is ``gather``, which never comes: an engine backend cannot gather (TeacherInfo.max_gather_ids = 0).
         """
+        assert gather is None, "an engine backend cannot gather; the servicer refuses such requests"
         tokens = sum(len(s) for s in seqs)
         if self._tokens and self._tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self._tokens} tokens are in the engine; the limit is {self.max_queue_tokens}")

@@ -4,6 +4,7 @@ the forward. A failed check raises RequestError with a message naming the field,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -98,12 +99,13 @@ def check_response_size(encoded: Sequence[Encoded], texts: Sequence[str], top_k:
     """Refuses, before the forward, a request whose response could exceed the message limit: reason
     RESPONSE_TOO_LARGE, also the first word of the message (ScoreStream's in-band errors have no trailer)."""
     logprob_bytes = LOGPROB_DTYPES[request.logprob_format].itemsize
+    gathered = sum(math.prod(g.ids.shape) for g in request.gather)  # shapes checked by gather.check_gather
     size = response_bytes(((len(e.ids), len(t)) for e, t in zip(encoded, texts, strict=True)), top_k,
-                          info.vocab_size, logprob_bytes)
+                          info.vocab_size, logprob_bytes, gathered)
     if size > info.max_message_bytes:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"{RESPONSE_TOO_LARGE}: the response could take {size} bytes, over "
                            f"max_message_bytes={info.max_message_bytes}; no retry can help: send fewer tokens per "
-                           "request, a smaller top_k or LOGPROB_FORMAT_FLOAT16",
+                           "request, a smaller top_k, fewer gathered ids or LOGPROB_FORMAT_FLOAT16",
                            RESPONSE_TOO_LARGE, {"max_message_bytes": str(info.max_message_bytes),
                                                 "response_bytes": str(size)})

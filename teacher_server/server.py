@@ -24,7 +24,7 @@ from protos import teacher_pb2_grpc as pb_grpc
 from protos.service import TEACHER_SERVICE
 from protos.vocabulary import detect_conventions
 from teacher_server.backends import load_backend
-from teacher_server.backends.base import Backend, BackendDead, EngineBackend, ScoreOutput
+from teacher_server.backends.base import Backend, BackendDead, EngineBackend, Gather, ScoreOutput
 from teacher_server.batcher import TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.engine_queue import EngineQueue
@@ -64,6 +64,7 @@ def build_info(config: TeacherConfig, backend: Backend | EngineBackend, tokenize
         max_message_bytes=config.max_message_bytes, dtype=backend.dtype, device=backend.device,
         backend=backend.name, add_bos=config.add_bos, server_version=_server_version(),
         default_top_k=config.default_top_k, vocab_encoding=encoding, vocab_byte_fallback=conv.byte_fallback,
+        max_gather_ids=(config.max_gather_ids or 0) if getattr(backend, "can_gather", False) else 0,
     )
 
 
@@ -152,7 +153,8 @@ class TeacherServer:
         for name in ("", TEACHER_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"model": info.model_name, "vocab_size": info.vocab_size,
-                                              "fingerprint": info.tokenizer_fingerprint}})
+                                              "fingerprint": info.tokenizer_fingerprint,
+                                              "max_gather_ids": info.max_gather_ids}})
 
     def _scheduler(self, backend: Backend | EngineBackend) -> TokenBudgetBatcher | EngineQueue:
         """An engine that batches across requests gets each request at once (EngineQueue); otherwise the
@@ -162,9 +164,10 @@ class TeacherServer:
                                on_dead=self._backend_died)
         loop = asyncio.get_running_loop()
 
-        def score(batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:  # on the forward thread
+        def score(batch: Sequence[np.ndarray], top_k: int, gather: Sequence[Gather | None] | None = None
+                  ) -> list[ScoreOutput]:  # on the forward thread
             try:
-                return backend.score(batch, top_k)
+                return backend.score(batch, top_k) if gather is None else backend.score(batch, top_k, gather)
             except BackendDead as dead:
                 loop.call_soon_threadsafe(self._backend_died, dead)
                 raise

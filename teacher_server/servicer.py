@@ -17,9 +17,10 @@ import numpy as np
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.scores import TeacherScores, encode_scores
-from teacher_server.backends.base import BackendDead, ScoreOutput
+from teacher_server.backends.base import BackendDead, Gather, ScoreOutput
 from teacher_server.batcher import Overloaded, QueueFull, TokenBudgetBatcher
 from teacher_server.config import TeacherConfig
+from teacher_server.gather import check_gather, locate
 from teacher_server.intake import (
     RequestError,
     check_request,
@@ -140,38 +141,46 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def _score(self, request: pb.ScoreRequest, time_left: TimeLeft) -> pb.ScoreResponse:
         top_k = check_request(request, self.info, self.config)
+        wanted = check_gather(request, self.info)
         texts, cut = cut_to_chars(request.texts, request.truncate, self.config.max_chars_per_text)
-        encoded, truncated = await self._tokenize(texts, request.truncate)
+        encoded, truncated, token_ends = await self._tokenize(texts, request.truncate)
         check_response_size(encoded, texts, top_k, request, self.info)
-        outputs = await self._submit([e.ids for e in encoded], top_k, time_left)
+        gather = None if wanted is None else locate(wanted, token_ends, [len(e.ids) for e in encoded])
+        outputs = await self._submit([e.ids for e in encoded], top_k, time_left, gather)
         self.metrics.tokens.inc(sum(len(e.ids) for e in encoded))
         self.metrics.texts.inc(len(encoded))
         results = [
-            encode_scores(TeacherScores(e.ids, e.offsets, o.topk_ids, o.topk_logprobs, o.next_logprobs, c or t),
+            encode_scores(TeacherScores(e.ids, e.offsets, o.topk_ids, o.topk_logprobs, o.next_logprobs, c or t,
+                                        o.gathered_logprobs),
                           self.info.vocab_size, len(text), request.logprob_format)
             for e, o, c, t, text in zip(encoded, outputs, cut, truncated, texts, strict=True)
         ]
         return pb.ScoreResponse(request_id=request.request_id, results=results,
                                 tokenizer_fingerprint=self.info.tokenizer_fingerprint)
 
-    async def _tokenize(self, texts: list[str], truncate: bool) -> tuple[list[Encoded], list[bool]]:
-        """Tokenizes chunk by chunk, checking each text's tokens and the running total as they come."""
+    async def _tokenize(self, texts: list[str], truncate: bool
+                        ) -> tuple[list[Encoded], list[bool], list[np.ndarray]]:
+        """Tokenizes chunk by chunk, checking each text's tokens and the running total as they come. Also
+        returns each text's token ends before any token truncation (where gather looks for its ends)."""
         encoded: list[Encoded] = []
         truncated: list[bool] = []
+        token_ends: list[np.ndarray] = []
         total = 0
         async for start, part in self.lanes.encode(texts):
             for index, e in enumerate(part, start):
+                token_ends.append(e.offsets[:, 1])
                 e, cut = fit_tokens(e, index, truncate, self.info.max_tokens_per_text)
                 total += len(e.ids)
                 check_request_tokens(total, index, self.info.max_tokens_per_request)
                 encoded.append(e)
                 truncated.append(cut)
-        return encoded, truncated
+        return encoded, truncated, token_ends
 
-    async def _submit(self, seqs: list[np.ndarray], top_k: int, time_left: TimeLeft) -> list[ScoreOutput]:
+    async def _submit(self, seqs: list[np.ndarray], top_k: int, time_left: TimeLeft,
+                      gather: list[Gather] | None = None) -> list[ScoreOutput]:
         within_s = time_left() if self.config.early_refusal else None  # now: submit compares it before any await
         try:
-            return await self.batcher.submit(seqs, top_k, within_s)
+            return await self.batcher.submit(seqs, top_k, within_s, gather=gather)
         except QueueFull as full:
             self.metrics.rejected.inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {full}") from None

@@ -28,6 +28,7 @@ class ControlledBackend:
         self._lock = threading.Lock()
         for attr in ("name", "architecture", "vocab_size", "dtype", "device", "max_positions"):
             setattr(self, attr, getattr(inner, attr))
+        self.can_gather = getattr(inner, "can_gather", False)
 
     def hold_after_more(self, calls: int) -> None:
         """Serves ``calls`` more forwards, then holds the next ones (held/release start cleared)."""
@@ -40,7 +41,8 @@ class ControlledBackend:
         self.hold_after = None
         self.release.set()
 
-    def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+    def score(self, batch: Sequence[np.ndarray], top_k: int, gather: Sequence[Any] | None = None
+              ) -> list[ScoreOutput]:
         with self._lock:
             self.calls += 1
             self.scored.extend(np.asarray(ids).tolist() for ids in batch)
@@ -50,4 +52,4 @@ class ControlledBackend:
             assert self.release.wait(120), "the test never released the held forward"
         if self.seconds_per_token:
             time.sleep(self.seconds_per_token * len(batch) * max(len(ids) for ids in batch))
-        return self.inner.score(batch, top_k)
+        return self.inner.score(batch, top_k) if gather is None else self.inner.score(batch, top_k, gather)

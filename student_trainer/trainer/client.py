@@ -3,6 +3,8 @@
     client = TeacherClient(["10.0.0.5:50051", "10.0.0.6:50051"])   # replicas, round-robin
     info, vocab = client.info(), client.vocab()
     scores = client.score(["some text"], top_k=10)                   # list[TeacherScores]
+    if info.max_gather_ids:                                          # log-probs at ids of our choosing
+        scores = client.score(["some text"], gather=[([4, 9], [[17, 3], [5, -1]])])  # (ends, ids) per text
 
 Every call has a deadline. Replicas are picked round-robin among those whose standard health service says
 SERVING (gRPC's client-side health checking): a replica still loading or draining gets no calls. gRPC's own
@@ -24,13 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from numpy.typing import ArrayLike
 
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.errors import RESPONSE_TOO_LARGE, error_info
-from protos.scores import TeacherScores, decode_scores
+from protos.scores import TeacherScores, decode_scores, encode_gather
 from protos.service import TEACHER_SERVICE
 from student_trainer.trainer.config import ConfigError
+
+GatherArrays = tuple[ArrayLike, ArrayLike]
+"""One text's gather: ends (m,) character offsets and ids (m, c) teacher ids (negative: padding)."""
 
 
 def service_config(max_attempts: int) -> dict:
@@ -168,17 +174,28 @@ class TeacherClient:
         return tokens
 
     def request(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
-                logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16) -> pb.ScoreRequest:
+                logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16, gather: Sequence[GatherArrays] | None = None
+                ) -> pb.ScoreRequest:
+        """A ScoreRequest; ``gather``: one ``(ends, ids)`` per text (see ``score``)."""
+        specs = [encode_gather(ends, ids) for ends, ids in gather] if gather is not None else []
         return pb.ScoreRequest(texts=list(texts), top_k=top_k, truncate=truncate, logprob_format=logprob_format,
-                               request_id=str(next(self._ids)))
+                               request_id=str(next(self._ids)), gather=specs)
 
     def score(self, texts: Sequence[str], top_k: int = 10, truncate: bool = False,
               logprob_format: int = pb.LOGPROB_FORMAT_FLOAT16, timeout: float | None = None,
-              expect_fingerprint: str | None = None) -> list[TeacherScores]:
+              expect_fingerprint: str | None = None, gather: Sequence[GatherArrays] | None = None
+              ) -> list[TeacherScores]:
         """Scores ``texts``; with ``expect_fingerprint``, raises FingerprintMismatch if another tokenizer answered,
-        and ResponseTooLarge if the response could never fit the teacher's message limit."""
+        and ResponseTooLarge if the response could never fit the teacher's message limit.
+
+        ``gather``: one ``(ends (m,), ids (m, c))`` per text — character offsets into the text, strictly
+        increasing, and this teacher's ids (negative: padding) — asks the log-probs of ``ids[i]`` at the
+        teacher position that has read exactly ``text[:ends[i]]`` (teacher.proto, GatherSpec). They come back
+        as each TeacherScores' ``gathered_logprobs (m, c)`` (-inf: padding, or no teacher token ends there);
+        without ``gather`` it is None. Only for a teacher whose ``info().max_gather_ids`` is above 0 (at most
+        that many ids per call); others answer FAILED_PRECONDITION."""
         try:
-            response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format),
+            response = self.stub.Score(self.request(texts, top_k, truncate, logprob_format, gather),
                                        timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as err:
             _raise_if_too_large(err)

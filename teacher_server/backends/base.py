@@ -8,6 +8,11 @@ forms the batches (HF); an ``EngineBackend`` batches across concurrent ``score_a
 async engine), and the server hands it each request at once. Either raises ``BackendDead`` when it can
 never score again: the server reports NOT_SERVING and the process exits non-zero, so that its orchestrator
 restarts it. Any other exception fails only the requests of that call.
+
+A backend that can also gather log-probs at ids of the caller's choosing (``Gather``: ScoreRequest.gather,
+after the server has turned its character ends into token positions) sets ``can_gather = True`` and takes a
+``gather`` argument; one without it (vLLM: its engine has no such call) is never asked (TeacherInfo says
+max_gather_ids = 0 and the server refuses such requests).
 """
 
 from __future__ import annotations
@@ -20,12 +25,22 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Gather:
+    """What to gather for one sequence of n tokens: row i asks the log-probs of ``ids[i]`` at position
+    ``positions[i]`` (0 <= p < n, any order; -1: no position). An id of -1 is padding."""
+
+    positions: np.ndarray  # (m,) int64
+    ids: np.ndarray        # (m, c) int64, each < vocab_size or -1
+
+
+@dataclass(frozen=True)
 class ScoreOutput:
     """One sequence of n tokens; position j predicts token j+1."""
 
     topk_ids: np.ndarray       # (n, k) int32, by decreasing log-prob
     topk_logprobs: np.ndarray  # (n, k) float32
     next_logprobs: np.ndarray  # (n-1,) float32
+    gathered_logprobs: np.ndarray | None = None  # (m, c) float32 for its Gather (-inf: no position or padding)
 
 
 class BackendDead(RuntimeError):
@@ -44,8 +59,10 @@ class BackendInfo(Protocol):
 
 
 class Backend(BackendInfo, Protocol):
-    def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
-        """Scores id sequences (each (n,), n >= 1, no BOS; the backend adds it if configured)."""
+    def score(self, batch: Sequence[np.ndarray], top_k: int,
+              gather: Sequence[Gather | None] | None = None) -> list[ScoreOutput]:
+        """Scores id sequences (each (n,), n >= 1, no BOS; the backend adds it if configured); with ``gather``
+        (one per sequence, None: nothing) also the log-probs it asks (a backend with ``can_gather`` only)."""
         ...
 
 

@@ -2,7 +2,8 @@
 
 It runs any ``AutoModelForCausalLM``. It computes hidden states for the real tokens only,
 then the output layer, the fp32 log-softmax and top-k in row chunks, so a 150k vocabulary never
-materialises a full (batch, length, vocab) fp32 tensor.
+materialises a full (batch, length, vocab) fp32 tensor. Gathered log-probs (``Gather``) are taken inside the
+same chunks: only the asked (position, id) values leave them.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from teacher_server.backends.base import ScoreOutput, max_positions
+from teacher_server.backends.base import Gather, ScoreOutput, max_positions
 from teacher_server.config import TeacherConfig
 from teacher_server.tokenizer import TeacherTokenizer
 
@@ -58,10 +60,66 @@ def _describe_devices(model: torch.nn.Module) -> str:
     return ",".join(dict.fromkeys(names))
 
 
+def _asked(g: Gather) -> np.ndarray:
+    """(m, c) mask of the entries of ``g`` that ask something: a position and an id that is not padding."""
+    return (g.positions[:, None] >= 0) & (g.ids >= 0)
+
+
+@dataclass
+class GatherPairs:
+    """A batch's gathers as flat (row, id) pairs over its scored rows (texts one after another), sorted by
+    row so that each chunk of the output layer takes a contiguous slice; ``parts`` collects what it took."""
+
+    rows: np.ndarray   # (P,) ascending
+    ids: np.ndarray    # (P,)
+    order: np.ndarray  # (P,) the asked order of each sorted pair
+    parts: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], gather: Sequence[Gather | None], vocab_size: int) -> GatherPairs:
+        rows, ids, start = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
+        for n, g in zip(lengths, gather, strict=True):
+            if g is not None:
+                assert g.positions.max(initial=-1) < n and g.ids.max(initial=-1) < vocab_size
+                r, c = np.nonzero(_asked(g))
+                rows.append(start + g.positions[r])
+                ids.append(g.ids[r, c])
+            start += n
+        flat = np.concatenate(rows)
+        order = np.argsort(flat, kind="stable")
+        return cls(flat[order], np.concatenate(ids)[order], order)
+
+    def take(self, logits: torch.Tensor, lse: torch.Tensor, start: int) -> None:
+        """The log-probs of the pairs in rows ``start .. start + len(logits)`` (logits fp32, lse: (rows,))."""
+        a, b = np.searchsorted(self.rows, [start, start + logits.shape[0]])
+        if b > a:
+            rows = torch.from_numpy(self.rows[a:b] - start).to(logits.device)
+            ids = torch.from_numpy(self.ids[a:b]).to(logits.device)
+            self.parts.append(logits[rows, ids] - lse[rows])
+
+    def split(self, gather: Sequence[Gather | None]) -> list[np.ndarray | None]:
+        """Each sequence's (m, c) log-probs, -inf where nothing was asked."""
+        values = np.empty(len(self.rows), np.float32)
+        if self.parts:
+            values[self.order] = torch.cat(self.parts).cpu().numpy()
+        out, at = [], 0
+        for g in gather:
+            if g is None:
+                out.append(None)
+                continue
+            asked = _asked(g)
+            got = np.full(g.ids.shape, -np.inf, np.float32)
+            got[asked] = values[at:at + int(asked.sum())]
+            at += int(asked.sum())
+            out.append(got)
+        return out
+
+
 class HFBackend:
     """Hugging Face transformers backend (CPU or CUDA)."""
 
     name = "hf"
+    can_gather = True
 
     def __init__(self, model: torch.nn.Module, *, bos_id: int | None = None, chunk_tokens: int = 0,
                  pad_to_multiple_of: int = 1, compile: bool = False) -> None:
@@ -115,8 +173,10 @@ class HFBackend:
         index = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]))
         return index.to(self.torch_device), torch.from_numpy(np.concatenate(nxt)).to(self.torch_device)
 
-    def _head_logprobs(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, is_logits: bool):
-        """hidden: (N, H) (or logits (N, V)) -> top-k ids (N, k), top-k log-probs (N, k), next log-probs (N,)."""
+    def _head_logprobs(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, is_logits: bool,
+                       pairs: GatherPairs | None = None):
+        """hidden: (N, H) (or logits (N, V)) -> top-k ids (N, k), top-k log-probs (N, k), next log-probs (N,);
+        ``pairs`` takes its log-probs from each chunk."""
         n = hidden.shape[0]
         top_v = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
         top_i = torch.empty(n, k, dtype=torch.int32, device=hidden.device)
@@ -129,22 +189,29 @@ class HFBackend:
             v, i = logits.topk(k, dim=-1)
             top_v[s:e], top_i[s:e] = v - lse[:, None], i.int()
             nxt[s:e] = logits.gather(1, next_ids[s:e].clamp_min(0)[:, None]).squeeze(1) - lse
+            if pairs is not None:
+                pairs.take(logits, lse, s)
         return top_i, top_v, nxt
 
     @torch.inference_mode()
-    def score(self, batch: Sequence[np.ndarray], top_k: int) -> list[ScoreOutput]:
+    def score(self, batch: Sequence[np.ndarray], top_k: int,
+              gather: Sequence[Gather | None] | None = None) -> list[ScoreOutput]:
         ids, mask = self._inputs(batch)
         index, next_ids = self._rows(batch)
+        lengths = [len(s) for s in batch]
+        pairs = GatherPairs.of(lengths, gather, self.vocab_size) if gather is not None else None
         if self.split_head:
             hidden = self._base(input_ids=ids, attention_mask=mask)[0][index[0], index[1]]
         else:  # full logits; rows picked afterwards
             hidden = self.model(input_ids=ids, attention_mask=mask).logits[index[0], index[1]]
-        top_i, top_v, nxt = self._head_logprobs(hidden, next_ids, top_k, is_logits=not self.split_head)
+        top_i, top_v, nxt = self._head_logprobs(hidden, next_ids, top_k, not self.split_head, pairs)
         top_i, top_v, nxt = top_i.cpu().numpy(), top_v.cpu().numpy(), nxt.cpu().numpy()
-        bounds = np.cumsum([len(s) for s in batch])[:-1]
+        gathered = pairs.split(gather) if pairs is not None and gather is not None else [None] * len(batch)
+        bounds = np.cumsum(lengths)[:-1]
         return [
-            ScoreOutput(i, v, n[:-1])
-            for i, v, n in zip(np.split(top_i, bounds), np.split(top_v, bounds), np.split(nxt, bounds), strict=True)
+            ScoreOutput(i, v, n[:-1], g)
+            for i, v, n, g in zip(np.split(top_i, bounds), np.split(top_v, bounds), np.split(nxt, bounds), gathered,
+                                  strict=True)
         ]
 
 

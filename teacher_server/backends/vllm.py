@@ -100,6 +100,10 @@ class VLLMBackend:
     """Scores id sequences through a ``vllm.v1.engine.async_llm.AsyncLLM``, one engine request per text."""
 
     name = "vllm"
+    # vLLM's prompt logprobs give each position's top-k and its actual token, never the log-prob of ids the
+    # caller names (a request for that is still open upstream): TeacherInfo.max_gather_ids is 0, the server
+    # refuses ScoreRequest.gather with FAILED_PRECONDITION, and the config refuses max_gather_ids > 0.
+    can_gather = False
 
     def __init__(self, engine: Any, api: VLLMApi, *, bos_id: int | None = None, device: str = "cuda") -> None:
         self.engine, self.api, self.device = engine, api, device

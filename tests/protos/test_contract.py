@@ -5,6 +5,7 @@ overlapping spans of byte-fragment tokens. (The Node client in test_node_client.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,8 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from protos import teacher_pb2 as pb
-from protos.scores import TeacherScores, encode_scores
+from protos.codec import decode
+from protos.scores import GATHER_PADDING, TeacherScores, encode_gather, encode_scores
 from protos.vocabulary import detect_conventions, token_bytes
+from teacher_server.limits import response_bytes
 from teacher_server.server import build_info
 from teacher_server.tokenizer import TeacherTokenizer
 from tests.teacher_server.conftest import make_config
@@ -29,18 +32,36 @@ def worst_case_scores(n: int, k: int, vocab_size: int, num_chars: int) -> Teache
                          next_logprobs=-rng.random(max(n - 1, 0), dtype=np.float32), truncated=True)
 
 
-@pytest.mark.parametrize(("lengths", "k"), [([1], 1), ([17, 300, 2], 64), ([4096] * 3, 64), ([70_000], 2)])
-def test_response_size_stays_within_the_bound_teacher_proto_gives(lengths, k):
+@pytest.mark.parametrize(("lengths", "k", "gathered"), [
+    ([1], 1, None), ([17, 300, 2], 64, None), ([4096] * 3, 64, None), ([70_000], 2, None),
+    ([1], 1, (1, 1)), ([17, 300, 2], 64, (300, 64)), ([70_000], 2, (70_000, 3))])
+def test_response_size_stays_within_the_bound_teacher_proto_gives(lengths, k, gathered):
     """<= 8k + 16 bytes per token at FLOAT32 with uint32 ids and offsets (vocabulary and text past 65,535),
-    + <= 160 bytes per text + the two strings: what a client sizes its receive limit by."""
+    + 4 bytes per gathered id, + <= 160 bytes per text (a gathered array's framing included) + the two
+    strings: what a client sizes its receive limit by."""
     vocab_size, num_chars, request_id = 1 << 20, 1 << 17, "r" * 40
-    results = [encode_scores(worst_case_scores(n, k, vocab_size, num_chars), vocab_size, num_chars,
-                             pb.LOGPROB_FORMAT_FLOAT32) for n in lengths]
+    m, c = gathered or (0, 0)
+    block = -np.random.default_rng(m).random((m, c), dtype=np.float32) if gathered else None
+    results = [encode_scores(replace(worst_case_scores(n, k, vocab_size, num_chars), gathered_logprobs=block),
+                             vocab_size, num_chars, pb.LOGPROB_FORMAT_FLOAT32) for n in lengths]
     response = pb.ScoreResponse(request_id=request_id, results=results, tokenizer_fingerprint=FINGERPRINT)
     assert all(r.input_ids.dtype == pb.D_TYPE_UINT32 and r.offsets.dtype == pb.D_TYPE_UINT32 for r in results)
-    bound = sum(lengths) * (8 * k + 16) + 160 * len(lengths) + len(request_id) + len(FINGERPRINT) + 6
+    gathered_bytes = 4 * m * c * len(lengths)
+    bound = sum(lengths) * (8 * k + 16) + gathered_bytes + 160 * len(lengths) + len(request_id) + len(FINGERPRINT) + 6
     assert response.ByteSize() <= bound
-    assert response.ByteSize() >= sum(lengths) * (8 * k + 16) - 4  # the per-token bound is tight (n-1 next)
+    assert response.ByteSize() >= sum(lengths) * (8 * k + 16) + gathered_bytes - 4  # tight (n-1 next)
+    limit = response_bytes([(n, num_chars) for n in lengths], k, vocab_size, 4, m * c * len(lengths))
+    assert response.ByteSize() <= limit  # the bound the server checks before the forward
+
+
+def test_gather_spec_travels_as_uint32_with_padding_and_refuses_what_does_not_fit():
+    spec = encode_gather([0, 3, 70_000], [[1, -1], [GATHER_PADDING, 5], [2, 3]])
+    assert spec.ends.dtype == spec.ids.dtype == pb.D_TYPE_UINT32
+    assert decode(spec.ids).tolist() == [[1, GATHER_PADDING], [GATHER_PADDING, 5], [2, 3]]
+    assert list(encode_gather([], []).ids.shape) == [0, 0]
+    for ends, ids in (([1, 2], [[1]]), ([1], [1]), ([-1], [[1]]), ([1], [[1 << 32]])):
+        with pytest.raises(ValueError, match="gather"):
+            encode_gather(ends, ids)
 
 
 @pytest.mark.parametrize(("name", "encoding", "fallback"), [

@@ -95,3 +95,59 @@ def test_limits_whose_worst_case_response_does_not_fit_the_message_limit_fail_at
     for word in ("max_message_bytes=67108864", "max_tokens_per_request=262144", "max_top_k=64", "fp32"):
         assert word in str(err.value), str(err.value)
     load_config(overrides={"model": "m", "max_message_bytes": 64 * 1024 * 1024, "max_top_k": 16})  # fits
+
+
+def test_max_gather_ids_defaults_to_a_top_k_worth_on_hf_and_to_0_on_vllm():
+    config = load_config(overrides={"model": "m", "max_top_k": 8, "default_top_k": 8, "max_tokens_per_request": 1000,
+                                    "max_tokens_per_text": 1000})
+    assert config.max_gather_ids == 8 * 1000  # as many log-probs as a top-k of every token
+    assert load_config(overrides={"model": "m", "max_gather_ids": None}).max_gather_ids == 64 * 262144
+    assert load_config(overrides={"model": "m", "backend": "vllm"}).max_gather_ids == 0
+    assert load_config(overrides={"model": "m", "backend": "vllm", "max_gather_ids": 0}).max_gather_ids == 0
+    args = vars(build_parser().parse_args(["--model", "m", "--max-gather-ids", "5"]))
+    assert load_config(args.pop("config"), args).max_gather_ids == 5
+    args = vars(build_parser().parse_args(["--model", "m", "--max-gather-ids", "none"]))
+    assert load_config(args.pop("config"), args).max_gather_ids == 64 * 262144
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ({"max_gather_ids": -1}, ["max_gather_ids", "greater than or equal to 0", "got -1"]),
+    ({"max_gather_ids": 2**32}, ["max_gather_ids", "less than or equal to 4294967295"]),
+    ({"backend": "vllm", "max_gather_ids": 10}, ["max_gather_ids=10", "backend=vllm cannot gather", "backend=hf"]),
+])
+def test_bad_max_gather_ids_are_named(override, words):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides={"model": "m", **override})
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_gathered_bytes_count_in_the_start_up_check_at_the_limit_and_one_past():
+    """The largest response includes max_gather_ids fp32 log-probs: limits that fit exactly start; one more
+    gathered id does not, and the message names max_gather_ids."""
+    from teacher_server.limits import worst_case_response_bytes
+
+    limits = {"model": "m", "max_tokens_per_request": 1000, "max_top_k": 4, "default_top_k": 4, "max_texts_per_request": 2,
+              "max_tokens_per_text": 500, "max_batch_tokens": 500, "max_queue_tokens": 1000}
+    fits = worst_case_response_bytes(1000, 4, 2, 5000)
+    assert fits == worst_case_response_bytes(1000, 4, 2) + 4 * 5000
+    load_config(overrides={**limits, "max_message_bytes": fits, "max_gather_ids": 5000})
+    with pytest.raises(ValueError) as err:
+        load_config(overrides={**limits, "max_message_bytes": fits, "max_gather_ids": 5001})
+    for word in (f"max_message_bytes={fits}", "max_gather_ids=5001", f">= {fits + 4}"):
+        assert word in str(err.value), str(err.value)
+
+
+def test_max_gather_ids_left_out_takes_what_fits_beside_the_top_k():
+    """A config sized tightly for top-k alone (it started before gather existed) still starts: the default
+    takes only the room left in max_message_bytes, and the worst case then fits exactly (to 3 bytes)."""
+    from teacher_server.limits import worst_case_response_bytes
+
+    tight = {"model": "m", "max_tokens_per_request": 80, "max_top_k": 16, "max_tokens_per_text": 64,
+             "max_message_bytes": 64 * 1024}
+    config = load_config(overrides=tight)
+    assert 0 < config.max_gather_ids < 80 * 16
+    worst = worst_case_response_bytes(80, 16, config.max_texts_per_request, config.max_gather_ids)
+    assert config.max_message_bytes - 4 < worst <= config.max_message_bytes
+    with pytest.raises(ValueError, match="max_gather_ids=1280"):  # asked explicitly, a top-k's worth does not fit
+        load_config(overrides={**tight, "max_gather_ids": 80 * 16})
