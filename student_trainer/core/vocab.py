@@ -123,3 +123,25 @@ def build_vocab_map(source: Sequence[str], target: Sequence[str], workers: int =
         picked = min_edit_distance_ids([src_canon[i] for i in pending], choices, workers)
         out[pending] = np.array([exact[choices[k]] for k in picked], dtype=np.int64)
     return out
+
+
+def counterpart_map(source: Sequence[str], target: Sequence[str]) -> np.ndarray:
+    """The other direction, exact only: each *target* id's source id with the same canonical string (the one
+    the source tokenizer emits for that text), special tokens by role; ``NO_TOKEN`` where the source has no
+    such token — never the nearest one. ``(len(target),) int64``.
+
+    On-policy fusion asks each teacher for its log-probs at the student's candidate tokens; a candidate
+    without an exact counterpart in a teacher's vocabulary is left out (and counted), not guessed.
+    """
+    src_conv, tgt_conv = detect_conventions(source), detect_conventions(target)
+    src_canon, tgt_canon = canonical_strings(source, src_conv), canonical_strings(target, tgt_conv)
+    emitted, roles = _preferred_ids(source, src_canon, src_conv), _special_targets(source)
+    out = np.full(len(target), NO_TOKEN, dtype=np.int64)
+    for i, (tok, c) in enumerate(zip(target, tgt_canon, strict=True)):
+        if not tok:
+            continue
+        if is_special(tok):
+            out[i] = roles.get(SPECIAL_ROLES.get(tok, ""), NO_TOKEN)
+        else:
+            out[i] = emitted.get(c, NO_TOKEN)
+    return out

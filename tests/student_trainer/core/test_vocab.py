@@ -12,6 +12,7 @@ from student_trainer.core.vocab import (
     Conventions,
     build_vocab_map,
     canonical_strings,
+    counterpart_map,
     detect_conventions,
     token_bytes,
 )
@@ -102,3 +103,32 @@ def test_vocab_map_cache_builds_once_per_fingerprint_pair(tmp_path, monkeypatch)
     assert f"-v{vocab_cache.ALGORITHM_VERSION}-" in vocab_cache.cache_key("x", "y")
     vocab_cache.cached_vocab_map([*src, "d"], tgt, "fp-src", "fp-tgt", tmp_path)  # stale shape
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize(("source", "target"), [("gpt-2", "llama-spm"), ("mistral-spm", "gpt-2"), ("mpt", "llama-spm")])
+def test_counterparts_are_exact_or_absent_and_invert_the_exact_part_of_the_mined_map(vocabs, source, target):
+    """Target → source, exact only (on-policy gather): a counterpart has the same canonical string (or the
+    same special role); a target token without one gets NO_TOKEN, never the nearest source token."""
+    src, tgt = vocabs(source), vocabs(target)
+    cmap = counterpart_map(src, tgt)
+    src_canon, tgt_canon = canonical_strings(src), canonical_strings(tgt)
+    has = np.flatnonzero(cmap != NO_TOKEN)
+    assert all(src_canon[cmap[t]] == tgt_canon[t] for t in has if not tgt[t].startswith("<"))
+    exact_strings = set(src_canon)
+    none = np.flatnonzero(cmap == NO_TOKEN)
+    assert all(tgt_canon[t] not in exact_strings for t in none if tgt[t] and not tgt[t].startswith("<|"))
+    assert 0.2 < len(has) / len(tgt) < 1.0  # real pairs share a good part of their vocabularies, not all of it
+    forward = build_vocab_map(src, tgt)
+    back = [t for t in has if forward[cmap[t]] == t]
+    assert len(back) / len(has) > 0.95  # where an exact string exists, MinED maps it back (ties aside)
+
+
+def test_counterparts_prefer_the_token_the_source_emits():
+    """Two source tokens spell four spaces (an added literal and its byte-level twin): the one the tokenizer
+    emits for that text receives the candidate, as in the MinED map's other direction."""
+    source = ["a", "Ġ", "ĠĠĠĠ", "    ", "<|endoftext|>", "Ġb"]
+    target = ["<unk>", "<s>", "</s>", "▁▁▁▁", "▁b", "zz", "▁▁▁"]
+    cmap = counterpart_map(source, target)
+    assert source[cmap[3]] == "    "  # the added literal, not its byte-level twin "ĠĠĠĠ"
+    assert source[cmap[4]] == "Ġb" and cmap[5] == NO_TOKEN and cmap[6] == NO_TOKEN  # no source token is 3 spaces
+    assert cmap[2] == 4  # </s> and <|endoftext|> share the eos role
