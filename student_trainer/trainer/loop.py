@@ -83,7 +83,7 @@ def _fetch_window(prefetcher: Prefetcher, gas: int, stop: StopFlag | None, world
     stop = stop if world == 1 else None  # more ranks: they agree on a stop in the step's all-reduce
     out, t0 = _Window(), time.perf_counter()
     started = {m: rollouts.start(m) for m in range(first, first + gas) if rollouts and rollouts.is_rollout(m)}
-    out.generate_seconds = time.perf_counter() - t0
+    out.generate_seconds = time.perf_counter() - t0 if started else 0.0
     try:
         for m in range(first, first + gas):
             if m not in started:

@@ -238,3 +238,148 @@ def test_the_docs_list_every_on_policy_setting_and_the_summarys_lines():
     documented = {re.sub(r"\d+(\.\d+)?", "N", line.strip()) for line in trainer_md.splitlines()}
     assert all(re.sub(r"\d+(\.\d+)?", "N", line.strip()) in documented for line in lines[-2:])
     assert len(summary([StepRecord(7, 6.0, 5.9, 7.0, tokens=1000)]).splitlines()) == 1  # no rollouts: as before
+
+
+# ---------------------------------------------------------------- runs
+
+SGD = {"optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "scheduler": None}  # every step moves the weights
+ON_POLICY = {"share": 0.5, "prompt_tokens": 16, "max_new_tokens": 12}  # micro-batches 1, 3, 5, ... are rollouts
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """micro-batch index -> the rollouts' (ids, text) as they went to the teachers (every run in this process)."""
+    seen: dict[int, list[tuple[list[int], str]]] = {}
+    score = rollouts_module.score
+
+    def spy(batch, *args, **kwargs):
+        seen[batch.index] = [(b.ids.tolist(), b.text) for b in batch.blocks]
+        return score(batch, *args, **kwargs)
+
+    monkeypatch.setattr(rollouts_module, "score", spy)
+    return seen
+
+
+def _config(tmp_path: Path, name: str, target: Path, sources: list, **sections) -> Path:
+    config = trainer_config(target, tmp_path / name, sources, **{
+        "method": {"lambda_clm": 1.0}, "on_policy": ON_POLICY,
+        "train": {"max_steps": 4, "seed": 0, "deepspeed": {"train_micro_batch_size_per_gpu": 2,
+                                                           "gradient_accumulation_steps": 2, **SGD}},
+        "run": {"output_dir": str(tmp_path / name), "eval_blocks": 2, "progress": False, "prefetch_depth": 2,
+                "connect_timeout_s": 10, "summary_every": 2}, **sections})
+    return write_config(config, tmp_path / f"{name}.yaml")
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_teacher_failing_during_rollouts_stops_the_run_and_the_rerun_draws_the_same_samples(
+        tmp_path, target, teachers, tiny_model_dirs, recorded, caplog):
+    """λ = 1: the corpus micro-batches train on CLM alone, so the teachers score nothing but rollouts. gpt2
+    (policy ``fail``) answers the rollouts of steps 1 and 2 and dies scoring step 3's: the run stops with a
+    checkpoint of step 2, the same command resumes, and every rollout, loss and weight equals a straight run's."""
+    caplog.set_level("INFO", logger="livefuse")
+    train(load_trainer_config(_config(tmp_path, "straight", target, [source("gpt2", teachers["gpt2"], failure="fail"),
+                                                                      source("mpt", teachers["mpt"])])))
+    straight = dict(recorded)
+    assert sorted(straight) == [1, 3, 5, 7]
+    steps, _ = read_metrics(tmp_path / "straight")
+    for r in steps:
+        assert r["rollouts"] == 1 and r["rollout_new_tokens"] > 0 and r["rollout_trained_positions"] > 0
+        assert r["on_policy_loss"] > 0 and r["fusion_loss"] == 0  # λ = 1: no fusion term on the corpus
+        assert r["loss"] == pytest.approx(r["clm_loss"] + r["on_policy_loss"], rel=1e-5)
+        assert r["generate_seconds"] > 0 and r["train_seconds"] > 0 and r["teacher_wait_seconds"] >= 0
+    assert "  on-policy: loss " in caplog.text and "  step time: generate " in caplog.text
+    for (ids, text), (prompt_ids, _) in zip(straight[1], [(x, None) for x, _ in straight[1]], strict=True):
+        assert ids == prompt_ids and len(ids) > 16 and len(text) > 0
+
+    recorded.clear()
+    flaky = Teacher(tiny_model_dirs["gpt2"], hold_after=2)
+    try:
+        chaos = flaky.kill_when_held()
+        config = load_trainer_config(_config(tmp_path, "failed", target, [source("gpt2", flaky, failure="fail"),
+                                                                          source("mpt", teachers["mpt"])]))
+        with pytest.raises(SourceFailed, match="source 'gpt2' failed: "):
+            train(config)
+        chaos.join(60)
+        assert (tmp_path / "failed" / "checkpoints" / "latest").read_text().strip() == "step2"
+        first = dict(recorded)
+        recorded.clear()
+        flaky.start(tiny_model_dirs["gpt2"])  # back on the same port: the same command goes on
+        train(config)
+    finally:
+        flaky.stop()
+    assert "resumed from step 2" in caplog.text
+    assert sorted(first) == [1, 3, 5] and sorted(recorded) == [5, 7]  # step 3's rollout was drawn twice
+    assert {**first, **recorded} == straight and first[5] == recorded[5]
+    assert losses_by_step(tmp_path / "failed") == losses_by_step(tmp_path / "straight")  # exactly
+    got, expected, initial = _weights(tmp_path / "failed"), _weights(tmp_path / "straight"), load_file(
+        target / "model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)  # bit-identical
+    assert any(not torch.equal(expected[k], initial[k]) for k in expected)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_share_zero_is_todays_training_exactly(tmp_path, target, teachers, recorded):
+    """The first steps of tests/student_trainer/trainer/test_steps.py's pinned fused run (the same config), with
+    every other on-policy setting changed: share 0 draws no rollout and changes nothing."""
+    pinned = {1: 10.384672, 2: 10.383126}  # steps 1-2 run at lr 0 (warm-up), whatever max_steps is
+    config = trainer_config(target, tmp_path / "out", [source(n, t) for n, t in teachers.items()],
+                            on_policy={"share": 0.0, "prompt_tokens": 8, "max_new_tokens": 4, "temperature": 0.5},
+                            train={"max_steps": 2, "seed": 0, "deepspeed": {
+                                "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                "zero_optimization": {"stage": 2}, "optimizer": {"params": {"lr": 1e-3}}}},
+                            run={"output_dir": str(tmp_path / "out"), "eval_blocks": 2, "progress": False,
+                                 "prefetch_depth": 2, "connect_timeout_s": 10, "export": False})
+    train(load_trainer_config(write_config(config, tmp_path / "run.yaml")))
+    steps, _ = read_metrics(tmp_path / "out")
+    assert {r["step"]: r["loss"] for r in steps} == pytest.approx(pinned, rel=1e-6)
+    assert not recorded and all(r["rollouts"] == 0 and r["generate_seconds"] == 0 for r in steps)
+
+
+def _ranks(configs: list[Path], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Both ranks as a launcher starts them; their exit codes and output."""
+    port, procs = free_port(), []
+    for rank, config in enumerate(configs):
+        env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(configs)),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(config)], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_ranks_under_zero3_train_on_their_rollouts_together(tmp_path, target, teachers):
+    """ZeRO-3 gathers every layer's parameters across the ranks in each forward, generation's included. The
+    ranks' generations end at different steps (max_new_tokens 6 on rank 0, 14 on rank 1, as when one samples
+    EOS early): rank 0 keeps joining the gathers until rank 1 is done, the run completes and exports."""
+    configs = []
+    for rank, new in enumerate((6, 14)):
+        config = trainer_config(target, tmp_path / "out", [source(n, t) for n, t in teachers.items()],
+                                on_policy={**ON_POLICY, "max_new_tokens": new},
+                                train={"max_steps": 2, "seed": 0, "deepspeed": {
+                                    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                    "zero_optimization": {"stage": 3}, **SGD}},
+                                run={"output_dir": str(tmp_path / "out"), "eval_blocks": 4, "progress": False,
+                                     "prefetch_depth": 2, "connect_timeout_s": 30, "summary_every": 2})
+        configs.append(write_config(config, tmp_path / f"rank{rank}.yaml"))
+    done = _ranks(configs)
+    assert all(d.returncode == 0 for d in done), done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    steps, evals = read_metrics(tmp_path / "out")
+    assert [r["step"] for r in steps] == [1, 2] and len(evals) == 1
+    for r in steps:  # rank 0's rollouts (one per step); the losses and the token count are over both ranks
+        assert r["rollouts"] == 1 and 0 < r["rollout_new_tokens"] <= 2 * 6 and r["on_policy_loss"] > 0
+        assert r["loss"] == pytest.approx(0.9 * r["clm_loss"] + 0.1 * r["fusion_loss"] + r["on_policy_loss"], rel=1e-5)
+    assert "  on-policy: loss " in done[0].stderr
+    trained, initial = _weights(tmp_path / "out"), load_file(target / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
