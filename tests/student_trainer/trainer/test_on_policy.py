@@ -26,7 +26,13 @@ from safetensors.torch import load_file
 
 from protos.vocabulary import raw_vocab, tokenizer_fingerprint
 from student_trainer.trainer import rollouts as rollouts_module
-from student_trainer.trainer.config import ConfigError, MethodConfig, OnPolicyConfig, SourceConfig, load_trainer_config
+from student_trainer.trainer.config import (
+    ConfigError,
+    MethodConfig,
+    OnPolicyConfig,
+    SourceConfig,
+    load_trainer_config,
+)
 from student_trainer.trainer.data.blocks import Block, collate, load_target_tokenizer, tokenize_texts
 from student_trainer.trainer.loop import rollout_loss, train
 from student_trainer.trainer.prefetch import FusedBatch
