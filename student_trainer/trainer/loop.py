@@ -12,7 +12,6 @@ whole step, over all micro-batches and ranks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from student_trainer.trainer import checkpoint
 from student_trainer.trainer.agreement import SourceError, agreed_failure, failure_flag
 from student_trainer.trainer.config import TrainerConfig
 from student_trainer.trainer.prefetch import FusedBatch, Prefetcher, waited
-from student_trainer.trainer.rollouts import Rollouts
+from student_trainer.trainer.rollouts import Pending, Rollouts
 from student_trainer.trainer.run_setup import Run, build_run
 from student_trainer.trainer.sources import SourceChanged, SourceFailed
 from student_trainer.trainer.stats import FusionStats, RolloutStats, StepRecord
@@ -62,62 +61,49 @@ def rollout_loss(run: Run, p: FusedBatch, num_tokens: float) -> tuple[torch.Tens
     return loss, float(loss.detach())
 
 
-@dataclass
-class _Window:
-    """A step's micro-batches in index order, or the source error that stopped fetching them (kept, not raised:
-    the ranks agree on it first), and the training thread's time spent on the rollouts."""
-
-    batches: list[FusedBatch] = field(default_factory=list)
-    failure: SourceError | None = None
-    generate_seconds: float = 0.0
-    wait_seconds: float = 0.0       # waiting for the rollouts' scores
-    fuse_wait_seconds: float = 0.0  # of which, after the teachers had answered
-
-
-def _fetch_window(prefetcher: Prefetcher, gas: int, stop: StopFlag | None, world: int,
-                  rollouts: Rollouts | None = None, first: int = 0) -> _Window:
-    """Micro-batches ``first`` .. ``first + gas - 1``. The rollouts among them are generated first, on every
-    rank alike (ZeRO-3 gathers the parameters of every forward collectively) and before anything can fail;
-    each one's scoring starts at once, so the next is generated while the previous is scored. The corpus ones
-    come from the prefetcher."""
-    stop = stop if world == 1 else None  # more ranks: they agree on a stop in the step's all-reduce
-    out, t0 = _Window(), time.perf_counter()
-    started = {m: rollouts.start(m) for m in range(first, first + gas) if rollouts and rollouts.is_rollout(m)}
-    out.generate_seconds = time.perf_counter() - t0 if started else 0.0
+def _fetch_corpus(prefetcher: Prefetcher, n: int, stop: StopFlag | None) -> tuple[list[FusedBatch], SourceError | None]:
+    """The step's ``n`` corpus micro-batches, or the source error that stopped fetching them (kept, not raised:
+    the ranks agree on it first)."""
+    window: list[FusedBatch] = []
     try:
-        for m in range(first, first + gas):
-            if m not in started:
-                out.batches.append(prefetcher.get(stop))
-                continue
-            fused, wait, fuse_wait = waited(started[m], stop)
-            out.batches.append(fused)
-            out.wait_seconds, out.fuse_wait_seconds = out.wait_seconds + wait, out.fuse_wait_seconds + fuse_wait
+        for _ in range(n):
+            window.append(prefetcher.get(stop))
     except (SourceFailed, SourceChanged) as err:
-        out.failure = err
-    return out
+        return window, err
+    return window, None
 
 
-def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None, rollouts: Rollouts | None = None,
-               first: int = 0) -> StepRecord:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches (the first one is ``first``).
+def _scored(pending: list[Pending], stop: StopFlag | None) -> tuple[list[FusedBatch], SourceError | None, float, float]:
+    """The rollouts' scores (or the source error that stopped one), the seconds waited for them and of those the
+    seconds after their teachers had answered."""
+    out, wait, fuse_wait = [], 0.0, 0.0
+    try:
+        for rollout in pending:
+            fused, seconds, fusing = waited(rollout.future, stop)
+            out, wait, fuse_wait = [*out, fused], wait + seconds, fuse_wait + fusing
+    except (SourceFailed, SourceChanged) as err:
+        return out, err, wait, fuse_wait
+    return out, None, wait, fuse_wait
 
-    All micro-batches are fetched (and the rollouts generated and scored) before any update, so a failure (or
-    a stop request) loses nothing. The ranks agree on a stop request and on a source failure in the same
-    all-reduce as the token count (see ``agreement``): then no rank updates, and every rank raises the same error.
-    """
-    gas, world = run.engine.gradient_accumulation_steps(), run.world
-    got = _fetch_window(prefetcher, gas, stop, world, rollouts, first)
-    window = got.batches
-    count = torch.tensor([float(sum(p.loss_mask.sum() for p in window)), float(bool(stop and stop.requested)),
-                          failure_flag(got.failure)], device=run.engine.device)
-    if world > 1:
+
+def _agree(run: Run, tokens: float, stop: StopFlag | None, failure: SourceError | None) -> float:
+    """Sums the step's token count over the ranks with a stop request and a source failure flag in the same
+    all-reduce; raises the failure (the same one on every rank, see ``agreement``) or Interrupted."""
+    count = torch.tensor([tokens, float(bool(stop and stop.requested)), failure_flag(failure)],
+                         device=run.engine.device)
+    if run.world > 1:
         dist.all_reduce(count)
     if count[2] > 0:
-        raise agreed_failure(got.failure, run.rank, world)
+        raise agreed_failure(failure, run.rank, run.world)
     if count[1] > 0:
         raise Interrupted("stop requested")
-    num_tokens = max(float(count[0]), 1.0) / (gas * world)  # DeepSpeed divides by gas and averages over ranks
-    t0, totals = time.perf_counter(), torch.zeros(4, device=run.engine.device)
+    return float(count[0])
+
+
+def _train(run: Run, window: list[FusedBatch], num_tokens: float) -> torch.Tensor:
+    """Forward and backward of each micro-batch (DeepSpeed updates after the step's last one); the summed
+    [loss, clm, fusion, on-policy] parts."""
+    totals = torch.zeros(4, device=run.engine.device)
     for p in window:
         if p.rollout is None:
             loss, clm, fuse = micro_loss(run, p, num_tokens)
@@ -128,15 +114,47 @@ def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None, r
         run.engine.backward(loss)
         run.engine.step()
         totals += torch.tensor([float(loss.detach()), *parts], device=run.engine.device)
-    train_seconds = time.perf_counter() - t0
+    return totals
+
+
+def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None, rollouts: Rollouts | None = None,
+               first: int = 0) -> StepRecord:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches (the first one is ``first``).
+
+    The rollouts among them are generated first, on every rank alike (ZeRO-3 gathers the parameters of every
+    forward collectively) and before anything can fail; each one's scoring starts at once, so the next is
+    generated while the previous is scored, and the corpus micro-batches are trained on while the last ones are
+    scored. Nothing is updated before every micro-batch is in: the ranks agree on a stop request and on a source
+    failure in the same all-reduce as the token count (a rollout's count, its continuation positions, is known
+    once it is generated), and again on a failure while the rollouts were scored (see ``agreement``): then no rank
+    updates, and every rank raises the same error.
+    """
+    gas, world = run.engine.gradient_accumulation_steps(), run.world
+    stop = stop if world == 1 else None  # more ranks: they agree on a stop in the step's all-reduce
+    t0 = time.perf_counter()
+    pending = [rollouts.start(m) for m in range(first, first + gas) if rollouts and rollouts.is_rollout(m)]
+    generate_seconds = time.perf_counter() - t0 if pending else 0.0
+    corpus, failure = _fetch_corpus(prefetcher, gas - len(pending), stop)
+    tokens = _agree(run, float(sum(p.loss_mask.sum() for p in corpus) + sum(r.positions for r in pending)),
+                    stop, failure)
+    num_tokens = max(tokens, 1.0) / (gas * world)  # DeepSpeed divides by gas and averages over ranks
+    t1 = time.perf_counter()
+    totals = _train(run, corpus, num_tokens)
+    train_seconds = time.perf_counter() - t1
+    scored, failure, wait, fuse_wait = _scored(pending, stop)
+    if pending:  # every rank has the same rollout indices: the same collectives
+        _agree(run, 0.0, None, failure)
+    t2 = time.perf_counter()
+    totals += _train(run, scored, num_tokens)
+    train_seconds += time.perf_counter() - t2
     if world > 1:
         dist.all_reduce(totals)
     loss, clm, fuse, on_policy = (totals / (gas * world)).tolist()  # = sums over the step / global token count
-    return StepRecord(0, loss, clm, fuse, float(count[0]), fusion=FusionStats.total([p.stats for p in window]),
-                      on_policy_loss=on_policy, generate_seconds=got.generate_seconds,
-                      teacher_wait_seconds=got.wait_seconds, fuse_wait_seconds=got.fuse_wait_seconds,
-                      train_seconds=train_seconds,
-                      rollouts=sum((p.rollout for p in window if p.rollout is not None), RolloutStats()))
+    window = corpus + scored
+    return StepRecord(0, loss, clm, fuse, tokens, fusion=FusionStats.total([p.stats for p in window]),
+                      on_policy_loss=on_policy, generate_seconds=generate_seconds, teacher_wait_seconds=wait,
+                      fuse_wait_seconds=fuse_wait, train_seconds=train_seconds,
+                      rollouts=sum((p.rollout for p in scored if p.rollout is not None), RolloutStats()))
 
 
 def _run_steps(run: Run, prefetcher: Prefetcher, at: RunPosition, stop: StopFlag,

@@ -16,7 +16,8 @@ and counted.
 Rollouts need the current weights, so none is prefetched: a step generates its rollouts first (every rank makes
 the same ``generate`` calls, which ZeRO-3's parameter gathering needs, before anything can fail), submits each
 one's scoring at once and generates the next while the previous is scored; the corpus micro-batches of the
-step keep coming from the prefetcher.
+step keep coming from the prefetcher and are trained on while the last rollouts are scored (``loop.train_step``).
+A rollout counts its continuation positions in the step's token count, whether or not they are trained on.
 
 Gather (``reverse_kl``, ``jsd``; refused by the config until teachers support it) plugs in here: ``sample``
 would also keep the student's top candidates at each continuation position (``generate``'s logits);
@@ -28,11 +29,11 @@ them in the support.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -169,7 +170,16 @@ def score(batch: Batch, prompt_lens: Sequence[int], new_tokens: int, sources: Se
     cont = continuation_mask(batch.attention_mask, prompt_lens)
     trained = cont & fused.aligned
     stats = RolloutStats(1, len(batch.blocks), new_tokens, int(cont.sum()), int(trained.sum()))
-    return dataclasses.replace(fused, loss_mask=trained, rollout=stats)
+    return replace(fused, loss_mask=trained, rollout=stats)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A rollout micro-batch generated and being scored."""
+
+    index: int
+    future: Future[FusedBatch]
+    positions: int  # its continuation positions: its part of the step's token count, known before it is scored
 
 
 class Rollouts:
@@ -192,7 +202,7 @@ class Rollouts:
     def is_rollout(self, index: int) -> bool:
         return is_rollout(self.cfg.share, index)
 
-    def start(self, index: int) -> Future[FusedBatch]:
+    def start(self, index: int) -> Pending:
         """Generates micro-batch ``index``'s rollouts now and submits their scoring."""
         run = self._run
         batch = run.sampler.batch(index)
@@ -202,8 +212,9 @@ class Rollouts:
                      eos_id=run.tokenizer.eos_token_id, suppress=self.text.padded_rows, synced=self._synced)
         built = [rollout_block(b, p, ids, self.text) for b, p, ids in zip(batch.blocks, prompts, new, strict=True)]
         rolled = collate(index, [b for b, _ in built], run.tokenizer.pad_token_id)
-        return self._jobs.submit(score, rolled, prompts, sum(n for _, n in built), run.sources, run.config.method,
-                                 self._fetchers)
+        future = self._jobs.submit(score, rolled, prompts, sum(n for _, n in built), run.sources, run.config.method,
+                                   self._fetchers)
+        return Pending(index, future, int(continuation_mask(rolled.attention_mask, prompts).sum()))
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)

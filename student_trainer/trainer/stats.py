@@ -108,7 +108,7 @@ class StepRecord:
     """One optimizer step: losses (means over the step's predicted tokens), speed and the fusion stats.
 
     ``loss = λ·clm_loss + (1−λ)·fusion_loss + on_policy_loss``: every part is a sum over the step's positions
-    divided by the step's token count (corpus loss positions + the rollouts' trained positions). The step's
+    divided by the step's token count (corpus loss positions + the rollouts' continuation positions). The step's
     time splits into ``generate_seconds`` (rollouts), ``teacher_wait_seconds`` (waiting for teacher outputs,
     of which ``fuse_wait_seconds`` waited for aligning and fusing once the teachers had answered),
     ``train_seconds`` (forward, backward, optimizer) and the rest (the step's all-reduce, bookkeeping).
