@@ -125,7 +125,7 @@ def test_sampling_is_seeded_uses_only_temperature_and_top_p_and_leaves_the_train
     c = sample(model, prompts, cfg, seed=6, **kw)
     assert [x.tolist() for x in a] == [x.tolist() for x in b] != [x.tolist() for x in c]
     assert [len(x) for x in a] == [6, 6]
-    model.generation_config.top_k, model.generation_config.repetition_penalty = 2, 50.0  # a checkpoint's defaults
+    model.generation_config.top_k, model.generation_config.min_p = 2, 0.9  # a checkpoint's generation defaults
     assert [x.tolist() for x in sample(model, prompts, cfg, seed=5, **kw)] == [x.tolist() for x in a]
     assert model.generation_config.top_k == 2  # put back
     alone = sample(model, prompts[1:], OnPolicyConfig(share=0.5, max_new_tokens=6, temperature=0), seed=0, **kw)
@@ -166,6 +166,7 @@ def test_the_rollout_loss_touches_only_the_continuations_aligned_positions():
     assert value > 0
 
 
+@pytest.mark.integration
 def test_a_source_down_under_skip_is_left_out_of_a_rollouts_fusion_and_counted(target, tiny_model_dirs):
     """The rollouts' scoring goes through each source's failure policy: gpt2 killed under ``skip`` is skipped
     (counted), mpt alone fills the targets; with both down no position has a source distribution and none
