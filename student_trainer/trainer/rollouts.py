@@ -193,7 +193,8 @@ class Rollouts:
         self._jobs = ThreadPoolExecutor(gas, thread_name_prefix="rollout")
         self._fetchers = ThreadPoolExecutor(max(len(run.sources) * gas, 1), thread_name_prefix="rollout-fetch")
         limit = getattr(run.engine.module.config, "max_position_embeddings", None)
-        longest = (self.cfg.prompt_tokens or run.config.data.seq_len) + self.cfg.max_new_tokens
+        prompt = self.cfg.prompt_tokens or round(self.cfg.prompt_fraction * run.config.data.seq_len)
+        longest = prompt + self.cfg.max_new_tokens
         if limit is not None and longest > limit:
             raise ConfigError(f"on_policy: a prompt of up to {longest - self.cfg.max_new_tokens} tokens plus "
                               f"max_new_tokens={self.cfg.max_new_tokens} exceeds the target's "
