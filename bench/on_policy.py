@@ -102,7 +102,7 @@ def compare(run, rollouts, args: argparse.Namespace) -> None:
                   f"{_split(res)}; load {os.getloadavg()[0]:.1f}", flush=True)
     mean = {m: {k: statistics.fmean(x[k] for x in rs) for k in rs[0]} for m, rs in results.items()}
     per_round = ", ".join(f"{a['step'] / b['step']:.3f}" for a, b in zip(results["on"], results["off"], strict=True))
-    print("\n| mode | ms/step | trained tokens/step | step split |\n|---|---:|---:|---|")
+    print("\n| mode | ms/step | counted tokens/step | step split |\n|---|---:|---:|---|")
     for m in ("off", "on"):
         print(f"| {m}-policy | {mean[m]['step'] * 1e3:.1f} | {mean[m]['tokens']:.0f} | {_split(mean[m])} |")
     wait = {m: 100 * mean[m]["teacher_wait_seconds"] / mean[m]["step"] for m in mean}
