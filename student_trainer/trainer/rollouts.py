@@ -19,12 +19,17 @@ one's scoring at once and generates the next while the previous is scored; the c
 step keep coming from the prefetcher and are trained on while the last rollouts are scored (``loop.train_step``).
 A rollout counts its continuation positions in the step's token count, whether or not they are trained on.
 
-Gather (``reverse_kl``, ``jsd``; refused by the config until teachers support it) plugs in here: ``sample``
-would also keep the student's top candidates at each continuation position (``generate``'s logits);
-:func:`score` would map them into each teacher's ids (the inverse of ``source.pair.vocab_map``, candidates without
-a counterpart dropped and counted), ask for them with the rollout's text, and merge the gathered log-probs,
-mapped back to target ids, into that source's aligned rows before fusion, so that ``sparse_divergence`` finds
-them in the support.
+Gather (``reverse_kl``, ``jsd``) is not wired yet; ``config.NEEDS_GATHER`` refuses those divergences when the
+config is read (once teachers can gather, that check moves to ``Source.connect``, where ``TeacherInfo`` says
+whether a teacher can). Where it plugs in: :func:`sample` also keeps the student's top candidates at each
+continuation position (``generate(output_logits=True)``); :func:`score` maps them into each source's ids (the
+inverse of ``source.pair.vocab_map``; candidates without a counterpart dropped and counted) and asks for them
+with the rollout's text (``Source.fetch`` → ``TeacherClient.score``) at the source position aligned to each
+target position — known only once the teacher has tokenized the text, so the request names a position by the
+character where the target token ends (``offset_positions``' rule), or a second request follows the first
+answer's alignment (``mined_positions``); the gathered log-probs, mapped back to target
+ids, join that source's aligned rows before fusion (``prefetch.fuse_sequence``, a union with its top-k: the same
+id is the same log-prob, not a sum), so that ``sparse_divergence`` finds them in the support.
 """
 
 from __future__ import annotations
