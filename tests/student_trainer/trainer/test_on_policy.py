@@ -329,7 +329,6 @@ def test_a_teacher_failing_during_rollouts_stops_the_run_and_the_rerun_draws_the
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_share_zero_is_todays_training_exactly(tmp_path, target, teachers, recorded):
     """The first steps of tests/student_trainer/trainer/test_steps.py's pinned fused run (the same config), with
     every other on-policy setting changed: share 0 draws no rollout and changes nothing."""
