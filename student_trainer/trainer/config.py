@@ -22,6 +22,8 @@ AvgWeighting = Literal["paper", "softmax"]
 FusionLossName = Literal["ce", "kl"]
 FailurePolicy = Literal["wait", "skip", "fail"]
 TrackerName = Literal["tensorboard", "wandb", "trackio"]  # the keys of run_log.TRACKERS (a test keeps them equal)
+DivergenceName = Literal["forward_kl", "reverse_kl", "jsd"]  # core.losses.DIVERGENCES (a test keeps them equal)
+NEEDS_GATHER = ("reverse_kl", "jsd")  # divergences that need each teacher's log-probs at the student's candidates
 
 
 class ConfigError(ValueError):
@@ -166,6 +168,36 @@ class RunConfig(_Strict):
         return v
 
 
+class OnPolicyConfig(_Strict):
+    """On-policy fusion: a share of the micro-batches are the student's own continuations of corpus prompts,
+    scored live by every teacher (``student_trainer/trainer/rollouts.py``)."""
+
+    share: float = Field(0.0, ge=0, le=1, description="share of micro-batches that are rollouts (0: none, "
+                         "today's training; which ones is a pure function of the micro-batch index)")
+    prompt_tokens: int | None = Field(None, ge=1, description="prompt = the first N target tokens of a corpus "
+                                      "block (else prompt_fraction of its tokens)")
+    prompt_fraction: float = Field(0.5, gt=0, lt=1, description="prompt = this share of a corpus block's tokens "
+                                   "when prompt_tokens is unset")
+    max_new_tokens: int = Field(64, ge=1, description="tokens the student generates after the prompt (fewer "
+                                "when it samples a special token such as EOS)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with "
+                         "this much probability (1: the full distribution)")
+    divergence: DivergenceName = Field("forward_kl", description="loss at the continuation's positions: "
+                                       "forward_kl | reverse_kl | jsd (the last two need teachers that gather)")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="β of GKD's generalised JSD (divergence jsd)")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> OnPolicyConfig:
+        if {"prompt_tokens", "prompt_fraction"} <= self.model_fields_set and self.prompt_tokens is not None:
+            raise ValueError("on_policy: set prompt_tokens or prompt_fraction, not both")
+        if self.share > 0 and self.divergence in NEEDS_GATHER:
+            raise ValueError(f"on_policy.divergence={self.divergence!r} needs each teacher's log-probs at the "
+                             "student's candidate tokens, i.e. teachers that support gather, which no teacher "
+                             "does yet; use forward_kl (it needs only the top-k the teachers send today)")
+        return self
+
+
 class TrainerConfig(_Strict):
     target: ModelConfig
     sources: list[SourceConfig] = Field(default_factory=list, description="source teachers (empty: CLM only)")
@@ -173,6 +205,7 @@ class TrainerConfig(_Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     run: RunConfig
+    on_policy: OnPolicyConfig = OnPolicyConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainerConfig:
@@ -185,6 +218,16 @@ class TrainerConfig(_Strict):
         if self.data.streaming and self.train.max_steps is None:
             raise ValueError("data.streaming: true needs train.max_steps (a stream has no known length, so "
                              "epochs cannot be counted)")
+        return self._on_policy_fits()
+
+    def _on_policy_fits(self) -> TrainerConfig:
+        on = self.on_policy
+        if on.share > 0 and not self.sources:
+            raise ValueError(f"on_policy.share={on.share} needs at least one source: the teachers score the "
+                             "rollouts (or set on_policy.share=0)")
+        if on.prompt_tokens is not None and on.prompt_tokens >= self.data.seq_len:
+            raise ValueError(f"on_policy.prompt_tokens={on.prompt_tokens} must be less than data.seq_len="
+                             f"{self.data.seq_len}: the prompt is a prefix of a corpus block")
         return self
 
 

@@ -1,5 +1,6 @@
 """Prefetch: fetch every source's distributions for the next micro-batches in parallel, align and fuse
-them off the training thread, and hand the trainer ready tensors in order."""
+them off the training thread, and hand the trainer ready tensors in order. Rollout micro-batches (on-policy)
+need the current weights, so they are not prefetched: ``rollouts`` generates and scores them in the step."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from student_trainer.core.fusion import FUSIONS, SEQUENCE_CE
 from student_trainer.trainer.config import MethodConfig
 from student_trainer.trainer.data.blocks import Batch, loss_mask
 from student_trainer.trainer.sources import Source
-from student_trainer.trainer.stats import FusionStats, SourceStats
+from student_trainer.trainer.stats import FusionStats, RolloutStats, SourceStats
 from student_trainer.trainer.stopping import Interrupted, StopFlag
 
 
@@ -37,6 +38,9 @@ class FusedBatch:
     fuse_ids: np.ndarray | None             # (B, T, K) int64
     fuse_logprobs: np.ndarray | None        # (B, T, K) float32, -inf = no entry
     stats: FusionStats
+    aligned: np.ndarray | None = None       # (B, T) bool: a source distribution, not the one-hot fallback
+    fetched_at: float = 0.0                 # perf_counter when every source had answered (0: no fetch)
+    rollout: RolloutStats | None = None     # set for the student's own samples (loss_mask: what the loss covers)
 
 
 def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sources: Sequence[Source],
@@ -88,10 +92,10 @@ def fuse_batch(batch: Batch, sources: Sequence[Source], method: MethodConfig, po
                 one.ce_sum, one.ce_count = one.ce_sum + ces[s], one.ce_count + 1
         stats.aligned_positions += int(targets.aligned[: len(block.ids) - 1].sum())
         stats.predicted_positions += max(len(block.ids) - 1, 0)
-    ids, logprobs, _ = stack_targets(seq_targets)
+    ids, logprobs, aligned = stack_targets(seq_targets)
     stats.sources = per_source
     stats.fuse_seconds = time.perf_counter() - t0
-    return FusedBatch(batch, mask, ids, logprobs, stats)
+    return FusedBatch(batch, mask, ids, logprobs, stats, aligned, t0 + stats.teacher_seconds)
 
 
 def _timed_fetch(source: Source, texts: list[str]) -> tuple[list[TeacherOutput] | None, float]:
@@ -110,22 +114,41 @@ def _pad_rows(targets: SparseTargets, length: int) -> SparseTargets:
                          np.concatenate([targets.aligned, np.zeros(extra, bool)]))
 
 
+def waited(future: Future[FusedBatch], stop: StopFlag | None) -> tuple[FusedBatch, float, float]:
+    """The future's micro-batch, the seconds waited for it, and of those the seconds after its teachers had
+    answered (aligning and fusing). With ``stop``, waiting raises Interrupted as soon as a stop is requested."""
+    t0 = time.perf_counter()
+    while True:
+        try:
+            fused = future.result(timeout=None if stop is None else 0.2)
+            break
+        except FutureTimeout:
+            if stop is not None and stop.requested:
+                raise Interrupted("stop requested while waiting for the teachers") from None
+    t1 = time.perf_counter()
+    return fused, t1 - t0, max(0.0, t1 - max(t0, fused.fetched_at)) if fused.fetched_at else 0.0
+
+
 class Prefetcher:
-    """Keeps ``depth`` micro-batches in preparation; ``get`` returns them in index order."""
+    """Keeps ``depth`` micro-batches in preparation; ``get`` returns them in index order. Indices for which
+    ``rollout`` is true are left out (their step generates them; ``get`` returns the next corpus one)."""
 
     def __init__(self, make_batch: Callable[[int], Batch], sources: Sequence[Source], method: MethodConfig,
-                 start_index: int, depth: int) -> None:
+                 start_index: int, depth: int, rollout: Callable[[int], bool] | None = None) -> None:
         self._make_batch, self._sources, self._method = make_batch, list(sources), method
+        self._rollout = rollout
         self._workers = ThreadPoolExecutor(max(depth, 1), thread_name_prefix="prefetch")
         self._fetchers = ThreadPoolExecutor(max(len(self._sources) * max(depth, 1), 1), thread_name_prefix="fetch")
         self._next = start_index
         self._queue: deque[Future[FusedBatch]] = deque()
         self._depth = depth
         self.wait_seconds = 0.0  # time the training thread spent waiting on get()
+        self.fuse_wait_seconds = 0.0  # of which, after the teachers had answered
 
     def _fill(self) -> None:
         while len(self._queue) < self._depth:
-            self._queue.append(self._workers.submit(self._job, self._next))
+            if self._rollout is None or not self._rollout(self._next):
+                self._queue.append(self._workers.submit(self._job, self._next))
             self._next += 1
 
     def _job(self, index: int) -> FusedBatch:
@@ -134,16 +157,9 @@ class Prefetcher:
     def get(self, stop: StopFlag | None = None) -> FusedBatch:
         """The next micro-batch; with ``stop``, waiting raises Interrupted as soon as a stop is requested."""
         self._fill()
-        t0 = time.perf_counter()
-        future = self._queue.popleft()
-        while True:
-            try:
-                fused = future.result(timeout=None if stop is None else 0.2)
-                break
-            except FutureTimeout:
-                if stop is not None and stop.requested:
-                    raise Interrupted("stop requested while waiting for the teachers") from None
-        self.wait_seconds += time.perf_counter() - t0
+        fused, wait, fuse_wait = waited(self._queue.popleft(), stop)
+        self.wait_seconds += wait
+        self.fuse_wait_seconds += fuse_wait
         self._fill()
         return fused
 

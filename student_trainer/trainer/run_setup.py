@@ -8,7 +8,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,10 +22,18 @@ from student_trainer.trainer.data.blocks import Block, BlockSampler, Sampler, lo
 from student_trainer.trainer.data.prepared import prepare_corpus
 from student_trainer.trainer.engine_config import engine_config
 from student_trainer.trainer.extensions import clear_stale_locks
-from student_trainer.trainer.prefetch import Prefetcher
 from student_trainer.trainer.run_log import RunLogger
 from student_trainer.trainer.sources import Source, SourceChanged, SourceFailed
 from student_trainer.trainer.vocab_cache import default_vocab_dir
+
+
+class Worker(Protocol):
+    """Threads that talk to the sources (the prefetcher, the rollouts' scoring): ``close`` cancels what is
+    queued, ``join`` waits for what runs."""
+
+    def close(self) -> None: ...
+
+    def join(self) -> None: ...
 
 
 def init_distributed() -> tuple[int, int]:
@@ -54,6 +62,7 @@ class Run:
     rank: int
     world: int
     max_steps: int
+    target_vocab: list[str] = field(default_factory=list)  # raw token strings of the output rows (id = index)
     _source_eval: dict[str, np.ndarray] = field(default_factory=dict)
 
     def evaluate(self) -> dict[str, float]:
@@ -109,14 +118,16 @@ class Run:
             dist.barrier()
         self.logger.info(f"exported the trained model to {folder}")
 
-    def close(self, prefetcher: Prefetcher | None = None) -> None:
-        """Stops prefetching, closes every source (in-flight fetches end at once) and the logs."""
-        if prefetcher is not None:
-            prefetcher.close()
+    def close(self, *workers: Worker | None) -> None:
+        """Stops prefetching and scoring rollouts, closes every source (in-flight fetches end at once) and the
+        logs."""
+        running = [w for w in workers if w is not None]
+        for worker in running:
+            worker.close()
         for source in self.sources:
             source.close()
-        if prefetcher is not None:
-            prefetcher.join()
+        for worker in running:
+            worker.join()
         self.logger.close()
 
 
@@ -175,4 +186,4 @@ def build_run(config: TrainerConfig) -> Run:
                                       config=ds_cfg)
     logger.start(max_steps=max_steps, world=world, data=data_facts,
                  sources={s.name: s.info.model_name for s in sources}, deepspeed=ds_cfg)
-    return Run(config, engine, tokenizer, sampler, val_blocks, sources, logger, rank, world, max_steps)
+    return Run(config, engine, tokenizer, sampler, val_blocks, sources, logger, rank, world, max_steps, target_vocab)

@@ -1,5 +1,6 @@
-"""What the trainer learns about fusion, as typed records: per micro-batch from ``prefetch.prepare``, summed
-over a step by the loop, summed over a window by the text summary, flattened once for metrics.jsonl.
+"""What the trainer learns about fusion, as typed records: per micro-batch from ``prefetch.fuse_batch`` (and
+``rollouts`` for the student's own samples), summed over a step by the loop, summed over a window by the text
+summary, flattened once for metrics.jsonl.
 
 Counts are kept as sums (sequences, positions, seconds) so any number of records add up exactly; rates
 and means are taken only when a record is shown.
@@ -78,8 +79,40 @@ class FusionStats:
 
 
 @dataclass
+class RolloutStats:
+    """The student's own samples (on-policy micro-batches): what was generated and what the loss covered."""
+
+    micro_batches: int = 0
+    sequences: int = 0
+    new_tokens: int = 0              # continuation tokens kept (up to the first special token the student sampled)
+    continuation_positions: int = 0  # positions that predict a continuation token
+    trained_positions: int = 0       # of those, where a source distribution was aligned: the loss covers these
+
+    def __add__(self, other: RolloutStats) -> RolloutStats:
+        return RolloutStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def unaligned_positions(self) -> int:
+        """Continuation positions left out: no source distribution there, and the one-hot fallback would
+        teach the student its own sample."""
+        return self.continuation_positions - self.trained_positions
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollouts": float(self.micro_batches), "rollout_new_tokens": float(self.new_tokens),
+                "rollout_trained_positions": float(self.trained_positions),
+                "rollout_unaligned_positions": float(self.unaligned_positions)}
+
+
+@dataclass
 class StepRecord:
-    """One optimizer step: losses (means over the step's predicted tokens), speed and the fusion stats."""
+    """One optimizer step: losses (means over the step's predicted tokens), speed and the fusion stats.
+
+    ``loss = λ·clm_loss + (1−λ)·fusion_loss + on_policy_loss``: every part is a sum over the step's positions
+    divided by the step's token count (corpus loss positions + the rollouts' continuation positions). The step's
+    time splits into ``generate_seconds`` (rollouts), ``teacher_wait_seconds`` (waiting for teacher outputs,
+    of which ``fuse_wait_seconds`` waited for aligning and fusing once the teachers had answered),
+    ``train_seconds`` (forward, backward, optimizer) and the rest (the step's all-reduce, bookkeeping).
+    """
 
     step: int
     loss: float
@@ -87,9 +120,14 @@ class StepRecord:
     fusion_loss: float
     tokens: float
     step_seconds: float = 0.0
-    teacher_wait_seconds: float = 0.0  # time the training thread waited for the prefetcher
+    teacher_wait_seconds: float = 0.0  # time the training thread waited for teacher outputs (corpus and rollouts)
     lr: float = 0.0
     fusion: FusionStats = field(default_factory=FusionStats)
+    on_policy_loss: float = 0.0        # the divergence on the rollouts' continuations
+    generate_seconds: float = 0.0
+    fuse_wait_seconds: float = 0.0     # part of teacher_wait_seconds: the teachers had answered, fusion had not
+    train_seconds: float = 0.0
+    rollouts: RolloutStats = field(default_factory=RolloutStats)
 
     @property
     def tokens_per_s(self) -> float:
@@ -97,8 +135,8 @@ class StepRecord:
 
     def metrics(self) -> dict[str, float]:
         """The flat record of metrics.jsonl (without ``step`` and ``time``)."""
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("step", "fusion")}
-        return {**plain, "tokens_per_s": self.tokens_per_s, **self.fusion.metrics()}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("step", "fusion", "rollouts")}
+        return {**plain, "tokens_per_s": self.tokens_per_s, **self.fusion.metrics(), **self.rollouts.metrics()}
 
 
 def summary(records: list[StepRecord]) -> str:
@@ -115,4 +153,22 @@ def summary(records: list[StepRecord]) -> str:
         lines.append(f"  source {name}: latency {r['latency']:.3f}s/micro-batch, CE {r['ce']:.3f}, "
                      f"selected {100 * r['selected']:.1f}%, weight {r['weight']:.3f}, "
                      f"skipped {100 * r['skipped']:.1f}%")
-    return "\n".join(lines)
+    return "\n".join(lines + _on_policy_lines(records, seconds))
+
+
+def _on_policy_lines(records: list[StepRecord], seconds: float) -> list[str]:
+    """The rollouts and the step's time split, when the window had rollouts (none: the summary is unchanged)."""
+    rolled = sum((r.rollouts for r in records), RolloutStats())
+    if not rolled.micro_batches:
+        return []
+    micro = sum(r.fusion.micro_batches for r in records)
+    on_policy = sum(r.on_policy_loss for r in records) / len(records)
+    share = {k: 100 * sum(getattr(r, k) for r in records) / seconds
+             for k in ("generate_seconds", "teacher_wait_seconds", "fuse_wait_seconds", "train_seconds")}
+    return [f"  on-policy: loss {on_policy:.4f}, {rolled.micro_batches} rollouts "
+            f"({100 * rolled.micro_batches / max(micro, 1):.1f}% of micro-batches), {rolled.new_tokens} new tokens, "
+            f"trained positions {100 * rolled.trained_positions / max(rolled.continuation_positions, 1):.1f}% "
+            f"(no source distribution: {rolled.unaligned_positions})",
+            f"  step time: generate {share['generate_seconds']:.1f}%, wait for teachers "
+            f"{share['teacher_wait_seconds'] - share['fuse_wait_seconds']:.1f}%, align and fuse "
+            f"{share['fuse_wait_seconds']:.1f}%, train {share['train_seconds']:.1f}%"]

@@ -32,6 +32,8 @@ SMOKE = {
                       r"llama: median default/tuned [\d.]+x"),
     "load.py": (["--clients", "2", "--seconds", "2", "--capacity-seconds", "2", "--overload", "2"],
                 r"\| early refusal off \| \d+ (.|\n)*\| early refusal on \| \d+ "),
+    "on_policy.py": (["--steps", "1", "--warmup", "0", "--rounds", "1", "--seq-len", "32", "--max-new-tokens", "4"],
+                     r"on-policy / off-policy step time: [\d.]+x (.|\n)*teachers' wait share: on-policy [\d.]+%"),
     "data_pipeline.py": (["--sizes", "1e5", "--old-max", "1e5", "--both-max", "1e5", "--repeats", "1",
                           "--phases", "corpus", "prepare", "first-step"],
                          r"new: start -> first step \(s\) \| old: start -> first step \(s\) \|\n.*\n\| 1e\+05 \| \d+ \|"),
