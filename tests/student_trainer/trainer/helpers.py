@@ -1,5 +1,6 @@
 """Shared pieces of the trainer integration tests: real teacher servers on loopback (that a test can
-hold, kill and restart on the same port), trainer configs on the stdlib corpus, metrics readers."""
+hold, kill and restart on the same port), trainer configs on the stdlib corpus, metrics and TensorBoard
+readers, two runs' weights compared relative to the update, launchers that leave no rank behind."""
 
 from __future__ import annotations
 

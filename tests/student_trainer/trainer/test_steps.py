@@ -59,7 +59,7 @@ def test_fused_losses_for_a_fixed_seed(fused_run):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["lr"] for r in steps] == [LR] * 4  # the lr each step used
     for r in steps:
-        assert r["loss"] == pytest.approx(PINNED[r["step"]], rel=1e-5)
+        assert r["loss"] == pytest.approx(PINNED[r["step"]], rel=1e-4)  # each step moves it by 3e-3 to 6e-3
         assert r["fusion_loss"] > 0 and ALIGNED_SHARE[r["step"]] - 0.01 <= r["aligned_share"] <= 1
         assert r["selected/gpt2"] + r["selected/mpt"] == pytest.approx(1.0)  # MinCE picks one source per sequence
         assert r["skipped/gpt2"] == r["skipped/mpt"] == 0
