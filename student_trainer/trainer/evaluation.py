@@ -15,21 +15,30 @@ from student_trainer.trainer.sources import Source
 
 
 @torch.no_grad()
-def nll_sums(model, blocks: Sequence[Block], pad_id: int, micro_batch: int) -> np.ndarray:
+def nll_sums(model, blocks: Sequence[Block], pad_id: int, micro_batch: int, forwards: int = 0,
+             spare: Block | None = None) -> np.ndarray:
     """[summed NLL, predicted tokens, covered characters] of a causal LM over ``blocks``.
 
     ``model``: a DeepSpeed engine (the trainer's eval) or a plain transformers model (the demo's table);
     anything called as ``model(input_ids=..., attention_mask=...).logits``. The one evaluator of livefuse.
+    ``forwards``: run at least this many forward passes, the extra ones on ``spare`` with their result dropped.
+    Under ZeRO-3 every forward gathers the parameters from all ranks (a collective), so a rank with fewer
+    held-out blocks must run as many forwards as the others, or the ranks hang (or mix up their collectives).
     """
     module = getattr(model, "module", model)
     device = next(module.parameters()).device
+    batches = [list(blocks[s:s + micro_batch]) for s in range(0, len(blocks), micro_batch)]
+    idle = max(forwards - len(batches), 0)
+    assert spare is not None or not idle, "extra forward passes need a spare block"
     sums = np.zeros(3)
     was_training = module.training
     module.eval()
-    for s in range(0, len(blocks), micro_batch):
-        batch = collate(-1, list(blocks[s:s + micro_batch]), pad_id)
+    for i, chunk in enumerate(batches + [[spare]] * idle):
+        batch = collate(-1, chunk, pad_id)
         ids = torch.from_numpy(batch.input_ids).to(device)
         logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch.attention_mask).to(device)).logits
+        if i >= len(batches):
+            continue  # an idle forward: only its collectives count
         logp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         mask = torch.from_numpy(loss_mask(batch.attention_mask)[:, :-1]).to(device)
         sums[0] += float(-(logp * mask).sum())

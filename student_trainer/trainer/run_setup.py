@@ -67,9 +67,12 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Student and sources on this rank's share of the held-out blocks, summed over ranks."""
-        blocks = self.val_blocks[: self.config.run.eval_blocks][self.rank::self.world]
+        everyone = self.val_blocks[: self.config.run.eval_blocks]
+        blocks = everyone[self.rank::self.world]
         micro = self.engine.train_micro_batch_size_per_gpu()
-        student = self._summed(evaluation.nll_sums(self.engine, blocks, self.tokenizer.pad_token_id, micro))
+        most = -(-len(everyone[::self.world]) // micro)  # rank 0's forwards: every rank runs as many (ZeRO-3)
+        student = self._summed(evaluation.nll_sums(self.engine, blocks, self.tokenizer.pad_token_id, micro,
+                                                   forwards=most, spare=everyone[0] if everyone else None))
         out = {f"student/{k}": v for k, v in evaluation.summarise(student).items()}
         for source in self.sources:
             out.update({f"{source.name}/{k}": v for k, v in evaluation.summarise(self._source_eval_sums(source,

@@ -194,6 +194,22 @@ def _check_targets(out: SparseTargets, target: Tokens, vocab_size: int) -> None:
     assert not kept[-1].any()
 
 
+# Share of target positions that receive a source distribution on 1,024 tokens of real text, per aligner
+# (measured; deterministic: fixed text, real tokenizers, seeded fake teachers). The tests allow 1 point less.
+ALIGNED_SHARE = {
+    ("mpt", "llama-spm", "code"): {"mined": 0.737, "offsets": 0.845},
+    ("gpt-2", "llama-spm", "code"): {"mined": 0.762, "offsets": 0.939},
+    ("mistral-spm", "gpt-2", "code"): {"mined": 0.487, "offsets": 0.559},
+    ("mpt", "llama-spm", "prose"): {"mined": 0.811, "offsets": 0.904},
+    ("gpt-2", "llama-spm", "prose"): {"mined": 0.866, "offsets": 0.959},
+    ("mistral-spm", "gpt-2", "prose"): {"mined": 0.844, "offsets": 0.866},
+}
+# The same on the short text of special tokens, whitespace runs and non-ASCII below.
+SPECIAL_TEXT_SHARE = {("mpt", "llama-spm"): {"mined": 0.421, "offsets": 0.632},
+                      ("gpt-2", "llama-spm"): {"mined": 0.553, "offsets": 0.737},
+                      ("mistral-spm", "gpt-2"): {"mined": 0.463, "offsets": 0.634}}
+
+
 @pytest.mark.parametrize(("source", "target"), REAL_PAIRS)
 @pytest.mark.parametrize("kind", ["code", "prose"])
 def test_real_pairs_aligned_share(tokenizers, vocabs, vocab_pair, source, target, kind):
@@ -204,8 +220,11 @@ def test_real_pairs_aligned_share(tokenizers, vocabs, vocab_pair, source, target
     for res in out.values():
         _check_targets(res, tgt, len(vocabs(target)))
     share = {name: float(res.aligned[:-1].mean()) for name, res in out.items()}
-    print(f"\n{source} -> {target} ({kind}): " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()))
-    assert share["mined"] > 0.4 and share["offsets"] > 0.4
+    print(f"\n{source} -> {target} ({kind}): " + ", ".join(f"{k} {v:.4f}" for k, v in share.items()))
+    measured = ALIGNED_SHARE[source, target, kind]
+    assert share.keys() == measured.keys()
+    for name, value in share.items():
+        assert value >= measured[name] - 0.01, (name, value)
 
 
 @pytest.mark.parametrize(("source", "target"), REAL_PAIRS)
@@ -220,7 +239,9 @@ def test_special_tokens_whitespace_runs_and_non_ascii(tokenizers, vocabs, vocab_
     hit = pos >= 0
     assert np.array_equal(src.offsets[pos[hit], 1], tgt.offsets[hit, 1])
     mined = mined_positions(tgt, src, pair)
-    assert (mined >= 0).mean() > 0.3
+    print(f"\n{source} -> {target}: mined {(mined >= 0).mean():.3f} offsets {hit.mean():.3f}")
+    measured = SPECIAL_TEXT_SHARE[source, target]
+    assert (mined >= 0).mean() >= measured["mined"] - 0.01 and hit.mean() >= measured["offsets"] - 0.01
 
 
 def test_stack_targets_pads_to_widest():

@@ -1,22 +1,29 @@
 """Shared pieces of the trainer integration tests: real teacher servers on loopback (that a test can
-hold, kill and restart on the same port), trainer configs on the stdlib corpus, metrics readers."""
+hold, kill and restart on the same port), trainer configs on the stdlib corpus, metrics and TensorBoard
+readers, two runs' weights compared relative to the update, launchers that leave no rank behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
 import sysconfig
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from student_trainer.demo.teacher_process import clean_env
 from teacher_server.backends.hf import load_hf
 from teacher_server.background import BackgroundServer
 from teacher_server.config import TeacherConfig, load_config
+from tests import REPO
 from tests.doubles import ControlledBackend
 
 # Target: a tiny Llama with Mistral's SentencePiece tokenizer; the sources (tests/conftest.py) use GPT-2's
@@ -27,6 +34,18 @@ TARGET = ("llama", "mistral-spm")
 def corpus_files() -> list[str]:
     """The stdlib ``json`` package: ~200 blocks of 64 tokens of code and English docstrings."""
     return sorted(str(p) for p in (Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))
+
+
+def paragraph_corpus(folder: Path) -> dict[str, Any]:
+    """The ``data`` settings of a corpus whose blocks have many lengths: the stdlib ``json`` package cut at blank
+    lines, one document per paragraph (~260 blocks of 16-64 tokens, nearly half shorter than 64), so the ranks of
+    a step count different numbers of tokens and a loss divided by each rank's own count, instead of the step's
+    global count, changes the update. Cached in ``folder`` (its key names this file's path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [p for f in corpus_files() for p in Path(f).read_text().split("\n\n") if p.strip()]
+    path = folder / "paragraphs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return {"train_files": [str(path)], "cache_dir": str(folder / "cache")}
 
 
 def free_port() -> int:
@@ -138,6 +157,63 @@ def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 def losses_by_step(out: Path) -> dict[int, float]:
     """The last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
     return {r["step"]: r["loss"] for r in read_metrics(out)[0]}
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard logs in ``folder``, read back by tensorboard's own reader: tag -> step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def assert_tensorboard_equals_metrics(out: Path) -> None:
+    """TensorBoard holds exactly metrics.jsonl: ``train/<key>`` at every step, ``eval/<key>`` at every evaluation
+    (float32 there)."""
+    steps, evals = read_metrics(out)
+    expected: dict[str, dict[int, float]] = {}
+    for r in steps:
+        for key, value in r.items():
+            if key not in ("step", "time"):
+                expected.setdefault(f"train/{key}", {})[r["step"]] = value
+    for r in evals:
+        for key, value in r["eval"].items():
+            expected.setdefault(f"eval/{key}", {})[r["step"]] = value
+    got = tensorboard_scalars(out / "tensorboard")
+    assert got.keys() == expected.keys(), got.keys() ^ expected.keys()
+    for tag, points in expected.items():
+        assert got[tag] == pytest.approx(points, rel=1e-6, nan_ok=True), tag
+
+
+def update_mismatch(got: dict[str, Any], expected: dict[str, Any], initial: dict[str, Any]) -> dict[str, float]:
+    """Per weight: ‖got − expected‖ / ‖expected − initial‖, how far two runs' weights are apart relative to the
+    size of the update (infinite when the weight did not move: an lr of 0 proves nothing)."""
+    assert got.keys() == expected.keys() == initial.keys(), (got.keys() ^ expected.keys()) | (got.keys() ^ initial.keys())
+    out = {}
+    for k in expected:
+        update, diff = float((expected[k] - initial[k]).norm()), float((got[k] - expected[k]).norm())
+        out[k] = diff / update if update > 0 else float("inf")
+    return out
+
+
+def run_launcher(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a launcher (``deepspeed``, ``torchrun``) in its own process group, which goes whole
+    when the time is up: the ranks of a hung run do not outlive the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process left in ``proc``'s group (started with ``start_new_session=True``)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def subprocess_env() -> dict[str, str]:

@@ -60,3 +60,34 @@ def test_a_source_down_at_one_evaluation_is_scored_at_the_next():
     second = run.evaluate()
     assert second["flaky/ce_per_token"] == pytest.approx(0.5)
     assert run.evaluate()["flaky/ce_per_token"] == pytest.approx(0.5) and source.fetches == 2  # kept once scored
+
+
+class _CountingEngine(_Engine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.forwards += 1
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("eval_blocks", [5, 1])
+def test_every_rank_runs_as_many_forwards_as_rank_0(monkeypatch, eval_blocks):
+    """Under ZeRO-3 a forward is a collective (it gathers the parameters). Defect: with 5 held-out blocks on 2
+    ranks and micro-batches of 2, rank 0 ran 2 forwards and rank 1 one: the ranks hung in evaluation. With one
+    block, rank 1 has none and still runs rank 0's one forward; the idle forwards add nothing to its sums."""
+    block = Block(np.arange(6, dtype=np.int64), np.stack([np.arange(6), np.arange(1, 7)], 1), "abcdef")
+    monkeypatch.setattr(Run, "_summed", lambda self, sums: sums)  # this rank's own sums: no process group here
+    forwards, scored = [], []
+    for rank in (0, 1):
+        engine = _CountingEngine()
+        config = SimpleNamespace(run=SimpleNamespace(eval_blocks=eval_blocks))
+        run = Run(config, engine, SimpleNamespace(pad_token_id=0), None, [block] * 8, [], None, rank=rank, world=2,
+                  max_steps=1)
+        out = run.evaluate()
+        forwards.append(engine.forwards)
+        scored.append(out["student/ce_per_token"])
+    assert forwards == [-(-((eval_blocks + 1) // 2) // 2)] * 2
+    assert scored[0] == pytest.approx(np.log(8))  # uniform logits over 8 ids
+    assert np.isnan(scored[1]) if eval_blocks == 1 else scored[1] == pytest.approx(np.log(8))

@@ -1,7 +1,8 @@
-"""A short training run as a user starts it (the CLI, ``run.report_to: [tensorboard, wandb, trackio]``): W&B (offline)
-and trackio (local) hold the run's config, every step and the final evaluation, equal to metrics.jsonl; then
-lm-evaluation-harness scores the exported model on a local multiple-choice task (offline), and its
-log-likelihoods equal a direct transformers forward on the export — the export stays benchmark-compatible."""
+"""A short training run as a user starts it (the CLI, ``run.report_to: [tensorboard, wandb, trackio]``): W&B (offline),
+trackio (local) and TensorBoard hold every step and the final evaluation, equal to metrics.jsonl (W&B and trackio
+the run's config too); then lm-evaluation-harness scores the exported model on a local multiple-choice task
+(offline), and its log-likelihoods equal a direct transformers forward on the export — the export stays
+benchmark-compatible."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import pytest
 
 from tests import REPO
 
-from .helpers import read_metrics, subprocess_env, trainer_config, write_config
+from .helpers import (
+    assert_tensorboard_equals_metrics,
+    read_metrics,
+    subprocess_env,
+    trainer_config,
+    write_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROJECT = "livefuse-test"
@@ -102,9 +109,9 @@ def test_trackio_run_has_the_config_every_step_and_the_final_eval(tracked_run):
     assert last["step"] == evals[-1]["step"] and {k: last[f"eval/{k}"] for k in final} == pytest.approx(final)
 
 
-def test_tensorboard_still_gets_the_steps(tracked_run):
+def test_tensorboard_holds_every_step_and_the_final_eval(tracked_run):
     out, _ = tracked_run
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert_tensorboard_equals_metrics(out)
 
 
 QUESTIONS = [  # a small multiple-choice task in lm-eval's own format, over a local jsonl
