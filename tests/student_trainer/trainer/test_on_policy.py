@@ -330,14 +330,15 @@ def test_a_teacher_failing_during_rollouts_stops_the_run_and_the_rerun_draws_the
 
 @pytest.mark.integration
 def test_share_zero_is_todays_training_exactly(tmp_path, target, teachers, recorded):
-    """The first steps of tests/student_trainer/trainer/test_steps.py's pinned fused run (the same config), with
-    every other on-policy setting changed: share 0 draws no rollout and changes nothing."""
-    pinned = {1: 10.384672, 2: 10.383126}  # steps 1-2 run at lr 0 (warm-up), whatever max_steps is
+    """The first steps of tests/student_trainer/trainer/test_steps.py's pinned fused run (the same config: AdamW
+    at a constant lr, so step 2's loss comes after a real update), with every other on-policy setting changed:
+    share 0 draws no rollout and changes nothing."""
+    from tests.student_trainer.trainer.test_steps import PINNED, TRAIN
+
+    pinned = {step: PINNED[step] for step in (1, 2)}
     config = trainer_config(target, tmp_path / "out", [source(n, t) for n, t in teachers.items()],
                             on_policy={"share": 0.0, "prompt_tokens": 8, "max_new_tokens": 4, "temperature": 0.5},
-                            train={"max_steps": 2, "seed": 0, "deepspeed": {
-                                "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                                "zero_optimization": {"stage": 2}, "optimizer": {"params": {"lr": 1e-3}}}},
+                            train={**TRAIN, "max_steps": 2},
                             run={"output_dir": str(tmp_path / "out"), "eval_blocks": 2, "progress": False,
                                  "prefetch_depth": 2, "connect_timeout_s": 10, "export": False})
     train(load_trainer_config(write_config(config, tmp_path / "run.yaml")))
