@@ -57,6 +57,7 @@ class TeacherOutput:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     next_logprobs: np.ndarray
+    gathered_logprobs: np.ndarray | None = None  # (m, c) float32 at the ids a request asked for (on-policy)
 
 
 @dataclass(frozen=True)
@@ -273,3 +274,24 @@ def stack_targets(batch: Sequence[SparseTargets]) -> tuple[np.ndarray, np.ndarra
     padded = [pad_width(t, width) for t in batch]
     return (np.stack([t.ids for t in padded]), np.stack([t.logprobs for t in padded]),
             np.stack([t.aligned for t in padded]))
+
+
+def with_gathered(targets: SparseTargets, positions: np.ndarray, ids: np.ndarray,
+                  logprobs: np.ndarray) -> SparseTargets:
+    """``targets`` with more entries: at target position ``positions[r]`` the ids ``ids[r]`` (target ids; < 0 =
+    none) with the source's log-probs ``logprobs[r]`` (-inf = none), gathered at the student's candidates.
+
+    ``positions (m,)``, ``ids``/``logprobs (m, c)`` → rows ``c`` wider. Only rows where a source distribution
+    is aligned take them (a one-hot fallback row is no distribution to add to), and only ids the row does not
+    hold yet (its top-k value is the source's log-prob of that id already, or the sum of the source ids the
+    vocabulary map sends to it): a union, never a sum.
+    """
+    n, c = len(targets.ids), ids.shape[1]
+    new_ids, new_lp = np.zeros((n, c), np.int64), np.full((n, c), -np.inf, np.float32)
+    keep = targets.aligned[positions][:, None] & (ids >= 0) & np.isfinite(logprobs)
+    held = targets.ids[positions][:, :, None] == ids[:, None, :]
+    keep &= ~(held & np.isfinite(targets.logprobs[positions])[:, :, None]).any(axis=1)
+    new_ids[positions] = np.where(keep, ids, 0)
+    new_lp[positions] = np.where(keep, logprobs, -np.inf)
+    return SparseTargets(np.concatenate([targets.ids, new_ids], 1), np.concatenate([targets.logprobs, new_lp], 1),
+                         targets.aligned)

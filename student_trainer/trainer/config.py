@@ -184,17 +184,22 @@ class OnPolicyConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with "
                          "this much probability (1: the full distribution)")
     divergence: DivergenceName = Field("forward_kl", description="loss at the continuation's positions: "
-                                       "forward_kl | reverse_kl | jsd (the last two need teachers that gather)")
+                                       "forward_kl | reverse_kl | jsd (the last two need teachers that gather: "
+                                       "checked when the run connects to them)")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="β of GKD's generalised JSD (divergence jsd)")
+    gather_candidates: int = Field(8, ge=1, le=256, description="reverse_kl / jsd: the student's most likely "
+                                   "tokens at each continuation position whose log-probs every teacher is asked for")
+
+    @property
+    def gather_ids(self) -> int:
+        """The most ids one text asks a teacher to gather (0: this run gathers nothing)."""
+        return self.max_new_tokens * self.gather_candidates if self.share > 0 and self.divergence in NEEDS_GATHER \
+            else 0
 
     @model_validator(mode="after")
     def _one_prompt(self) -> OnPolicyConfig:
         if {"prompt_tokens", "prompt_fraction"} <= self.model_fields_set and self.prompt_tokens is not None:
             raise ValueError("on_policy: set prompt_tokens or prompt_fraction, not both")
-        if self.share > 0 and self.divergence in NEEDS_GATHER:
-            raise ValueError(f"on_policy.divergence={self.divergence!r} needs each teacher's log-probs at the "
-                             "student's candidate tokens, i.e. teachers that support gather, which no teacher "
-                             "does yet; use forward_kl (it needs only the top-k the teachers send today)")
         return self
 
 

@@ -18,8 +18,10 @@ from student_trainer.core.alignment import (
     SparseTargets,
     TeacherOutput,
     Tokens,
+    lookup,
     one_hot_next,
     stack_targets,
+    with_gathered,
 )
 from student_trainer.core.fusion import FUSIONS, SEQUENCE_CE
 from student_trainer.trainer.config import MethodConfig
@@ -43,9 +45,27 @@ class FusedBatch:
     rollout: RolloutStats | None = None     # set for the student's own samples (loss_mask: what the loss covers)
 
 
+@dataclass(frozen=True)
+class GatherPlan:
+    """One sequence's ask for the teachers' log-probs at the student's candidate tokens (on-policy reverse KL /
+    JSD): ``positions (m,)`` target positions, ``ends (m,)`` the character where each one's token ends (strictly
+    increasing: where a teacher token must end to have read the same text), ``candidates (m, c)`` target ids."""
+
+    positions: np.ndarray
+    ends: np.ndarray
+    candidates: np.ndarray
+
+    def for_source(self, source: Source) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates as the source's ids (-1: no exact counterpart, left out and counted)."""
+        assert source.counterparts is not None, "a source connected without gather"
+        return self.ends, lookup(source.counterparts, self.candidates, -1)
+
+
 def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sources: Sequence[Source],
-                  method: MethodConfig) -> tuple[SparseTargets, np.ndarray, int, list[float]]:
-    """Aligns each present source to the target tokens and fuses.
+                  method: MethodConfig, gather: GatherPlan | None = None
+                  ) -> tuple[SparseTargets, np.ndarray, int, list[float]]:
+    """Aligns each present source to the target tokens and fuses; with ``gather``, each source's log-probs at the
+    student's candidates join its aligned rows first (a union with its top-k).
 
     Returns (targets, weights (N,), winner or -1 when no source answered, each source's CE (NaN: absent)).
     """
@@ -57,7 +77,11 @@ def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sourc
             targets.append(None)
             ces.append(float("nan"))
             continue
-        targets.append(align(tokens, out, source.pair))
+        aligned = align(tokens, out, source.pair)
+        if gather is not None and out.gathered_logprobs is not None:
+            ids = np.where(gather.for_source(source)[1] >= 0, gather.candidates, -1)
+            aligned = with_gathered(aligned, gather.positions, ids, out.gathered_logprobs)
+        targets.append(aligned)
         ces.append(ce_fn(out.next_logprobs, out.tokens.offsets))
     if all(t is None for t in targets):
         return one_hot_next(tokens.ids, 1), np.zeros(len(sources)), -1, ces
@@ -65,22 +89,27 @@ def fuse_sequence(tokens: Tokens, outputs: Sequence[TeacherOutput | None], sourc
     return fused.targets, fused.weights, fused.winner, ces
 
 
-def fuse_batch(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool: ThreadPoolExecutor) -> FusedBatch:
-    """Fetches all sources in parallel for one micro-batch, aligns and fuses every sequence."""
+def fuse_batch(batch: Batch, sources: Sequence[Source], method: MethodConfig, pool: ThreadPoolExecutor,
+               gather: Sequence[GatherPlan] | None = None) -> FusedBatch:
+    """Fetches all sources in parallel for one micro-batch, aligns and fuses every sequence; ``gather``: one plan
+    per sequence (on-policy reverse KL / JSD)."""
     mask = loss_mask(batch.attention_mask)
     stats = FusionStats(micro_batches=1, sequences=len(batch.blocks))
     if not sources:
         return FusedBatch(batch, mask, None, None, stats)
     texts = [b.text for b in batch.blocks]
     t0 = time.perf_counter()
-    timed = [f.result() for f in [pool.submit(_timed_fetch, s, texts) for s in sources]]
+    asks = [None if gather is None else [plan.for_source(s) for plan in gather] for s in sources]
+    timed = [f.result() for f in [pool.submit(_timed_fetch, s, texts, ask) for s, ask in zip(sources, asks,
+                                                                                              strict=True)]]
     outputs = [out for out, _ in timed]
     stats.teacher_seconds = time.perf_counter() - t0
     per_source = {s.name: SourceStats(latency_s=seconds) for s, (_, seconds) in zip(sources, timed, strict=True)}
     seq_targets = []
     for i, block in enumerate(batch.blocks):
         per_seq = [None if o is None else o[i] for o in outputs]
-        targets, weights, winner, ces = fuse_sequence(Tokens(block.ids, block.offsets), per_seq, sources, method)
+        targets, weights, winner, ces = fuse_sequence(Tokens(block.ids, block.offsets), per_seq, sources, method,
+                                                      None if gather is None else gather[i])
         seq_targets.append(_pad_rows(targets, batch.input_ids.shape[1]))
         stats.no_teacher_sequences += winner < 0
         for s, source in enumerate(sources):
@@ -98,9 +127,10 @@ def fuse_batch(batch: Batch, sources: Sequence[Source], method: MethodConfig, po
     return FusedBatch(batch, mask, ids, logprobs, stats, aligned, t0 + stats.teacher_seconds)
 
 
-def _timed_fetch(source: Source, texts: list[str]) -> tuple[list[TeacherOutput] | None, float]:
+def _timed_fetch(source: Source, texts: list[str], gather: list[tuple[np.ndarray, np.ndarray]] | None
+                 ) -> tuple[list[TeacherOutput] | None, float]:
     t0 = time.perf_counter()
-    return source.fetch(texts), time.perf_counter() - t0
+    return source.fetch(texts, gather), time.perf_counter() - t0
 
 
 def _pad_rows(targets: SparseTargets, length: int) -> SparseTargets:

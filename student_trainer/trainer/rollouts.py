@@ -19,17 +19,14 @@ one's scoring at once and generates the next while the previous is scored; the c
 step keep coming from the prefetcher and are trained on while the last rollouts are scored (``loop.train_step``).
 A rollout counts its continuation positions in the step's token count, whether or not they are trained on.
 
-Gather (``reverse_kl``, ``jsd``) is not wired yet; ``config.NEEDS_GATHER`` refuses those divergences when the
-config is read (once teachers can gather, that check moves to ``Source.connect``, where ``TeacherInfo`` says
-whether a teacher can). Where it plugs in: :func:`sample` also keeps the student's top candidates at each
-continuation position (``generate(output_logits=True)``); :func:`score` maps them into each source's ids (the
-inverse of ``source.pair.vocab_map``; candidates without a counterpart dropped and counted) and asks for them
-with the rollout's text (``Source.fetch`` → ``TeacherClient.score``) at the source position aligned to each
-target position — known only once the teacher has tokenized the text, so the request names a position by the
-character where the target token ends (``offset_positions``' rule), or a second request follows the first
-answer's alignment (``mined_positions``); the gathered log-probs, mapped back to target
-ids, join that source's aligned rows before fusion (``prefetch.fuse_sequence``, a union with its top-k: the same
-id is the same log-prob, not a sum), so that ``sparse_divergence`` finds them in the support.
+Reverse KL and JSD (``on_policy.divergence``) need each teacher's log-probs at the tokens the *student*
+favours, which no top-k holds: :func:`sample` also keeps the student's ``gather_candidates`` most likely tokens
+at each continuation position (the logits it sampled from), and :func:`gather_plans` asks every teacher for them
+(the wire's ``gather``, checked at connect time: ``Source.connect``) at the position whose token ends where the
+target token ends — the teacher position that has read the same text. A candidate maps to a teacher token only
+through an exact counterpart (``core.vocab.counterpart_map``); one without is left out and counted. The gathered
+log-probs join that source's aligned rows before fusion (``prefetch.fuse_sequence``: a union with its top-k), so
+that ``sparse_divergence`` finds them in the support.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ import torch
 from protos.vocabulary import detect_conventions, is_special, token_bytes
 from student_trainer.trainer.config import ConfigError, MethodConfig, OnPolicyConfig
 from student_trainer.trainer.data.blocks import Batch, Block, collate, loss_mask
-from student_trainer.trainer.prefetch import FusedBatch, fuse_batch
+from student_trainer.trainer.prefetch import FusedBatch, GatherPlan, fuse_batch
 from student_trainer.trainer.sources import Source
 from student_trainer.trainer.stats import RolloutStats
 
@@ -131,10 +128,20 @@ def continuation_mask(attention_mask: np.ndarray, prompt_lens: Sequence[int]) ->
     return loss_mask(attention_mask) & (np.arange(attention_mask.shape[1])[None, :] >= starts)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """The student's continuation of one prompt: ``ids (n,)`` and, when gathering, its ``candidates (n, c)``: the
+    most likely tokens of the distribution each of them was sampled from."""
+
+    ids: np.ndarray
+    candidates: np.ndarray | None = None
+
+
 @torch.no_grad()
 def sample(module, prompts: Sequence[np.ndarray], cfg: OnPolicyConfig, *, seed: int, pad_id: int,
-           eos_id: int | None, suppress: Sequence[int], synced: bool) -> list[np.ndarray]:
-    """The student's continuation ids of each prompt, sampled with its current weights under ``seed``.
+           eos_id: int | None, suppress: Sequence[int], synced: bool, candidates: int = 0) -> list[Sampled]:
+    """The student's continuation of each prompt, sampled with its current weights under ``seed``; with
+    ``candidates``, also the top ``candidates`` ids of each step's logits (before temperature and top-p).
 
     Left-padded (every row continues at the same step); the model's own generation defaults are set aside for
     the call, so the sample comes from the student's distribution with only ``temperature`` / ``top_p``.
@@ -160,21 +167,43 @@ def sample(module, prompts: Sequence[np.ndarray], cfg: OnPolicyConfig, *, seed: 
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                  synced_gpus=synced)
+                                  synced_gpus=synced, output_logits=candidates > 0, return_dict_in_generate=True)
     finally:
         module.generation_config = saved
         module.train(was_training)
-    return list(out[:, width:].cpu().numpy())
+    new = out.sequences[:, width:].cpu().numpy()
+    if not candidates:
+        return [Sampled(row) for row in new]
+    top = torch.stack(out.logits, dim=1).topk(candidates, dim=-1).indices.cpu().numpy()  # (B, steps, c)
+    return [Sampled(row, top[r]) for r, row in enumerate(new)]
+
+
+def gather_plan(block: Block, prompt: int, candidates: np.ndarray) -> GatherPlan:
+    """Where to ask the teachers for the student's candidates in one rollout: each continuation position whose
+    token ends on a character boundary the next token starts after (not a byte fragment inside a character),
+    the character it ends at, and the candidates of the distribution sampled there (``candidates (kept, c)``:
+    row s belongs to position ``prompt - 1 + s``)."""
+    n, kept = len(block.ids), len(candidates)
+    positions = np.arange(prompt - 1, min(prompt - 1 + kept, n - 1))
+    positions = positions[block.offsets[positions + 1, 0] >= block.offsets[positions, 1]]  # whole characters
+    ends = block.offsets[positions, 1]
+    keep = np.concatenate([[True], ends[1:] > ends[:-1]]) & (ends > 0)  # strictly increasing, past the start
+    return GatherPlan(positions[keep], ends[keep], candidates[positions[keep] - (prompt - 1)].astype(np.int64))
 
 
 def score(batch: Batch, prompt_lens: Sequence[int], new_tokens: int, sources: Sequence[Source],
-          method: MethodConfig, pool: ThreadPoolExecutor) -> FusedBatch:
-    """Every source scores the rollouts' text (the corpus path); the loss mask keeps the continuation's
-    positions that got a source distribution."""
-    fused = fuse_batch(batch, sources, method, pool)
+          method: MethodConfig, pool: ThreadPoolExecutor, plans: Sequence[GatherPlan] | None = None) -> FusedBatch:
+    """Every source scores the rollouts' text (the corpus path), and with ``plans`` gathers at the student's
+    candidates; the loss mask keeps the continuation's positions that got a source distribution."""
+    fused = fuse_batch(batch, sources, method, pool, plans)
     cont = continuation_mask(batch.attention_mask, prompt_lens)
     trained = cont & fused.aligned
-    stats = RolloutStats(1, len(batch.blocks), new_tokens, int(cont.sum()), int(trained.sum()))
+    asked = unmapped = 0
+    for plan in plans or []:
+        for source in sources:
+            mapped = plan.for_source(source)[1]
+            asked, unmapped = asked + mapped.size, unmapped + int((mapped < 0).sum())
+    stats = RolloutStats(1, len(batch.blocks), new_tokens, int(cont.sum()), int(trained.sum()), asked, unmapped)
     return replace(fused, loss_mask=trained, rollout=stats)
 
 
@@ -213,13 +242,17 @@ class Rollouts:
         run = self._run
         batch = run.sampler.batch(index)
         prompts = [prompt_length(b, self.cfg) for b in batch.blocks]
+        c = self.cfg.gather_candidates if self.cfg.gather_ids else 0
         new = sample(run.engine.module, [b.ids[:p] for b, p in zip(batch.blocks, prompts, strict=True)], self.cfg,
                      seed=rollout_seed(run.config.train.seed, run.rank, index), pad_id=run.tokenizer.pad_token_id,
-                     eos_id=run.tokenizer.eos_token_id, suppress=self.text.padded_rows, synced=self._synced)
-        built = [rollout_block(b, p, ids, self.text) for b, p, ids in zip(batch.blocks, prompts, new, strict=True)]
+                     eos_id=run.tokenizer.eos_token_id, suppress=self.text.padded_rows, synced=self._synced,
+                     candidates=c)
+        built = [rollout_block(b, p, s.ids, self.text) for b, p, s in zip(batch.blocks, prompts, new, strict=True)]
         rolled = collate(index, [b for b, _ in built], run.tokenizer.pad_token_id)
+        plans = [gather_plan(b, p, s.candidates[:kept]) for (b, kept), p, s in zip(built, prompts, new, strict=True)] \
+            if c else None
         future = self._jobs.submit(score, rolled, prompts, sum(n for _, n in built), run.sources, run.config.method,
-                                   self._fetchers)
+                                   self._fetchers, plans)
         return Pending(index, future, int(continuation_mask(rolled.attention_mask, prompts).sum()))
 
     def close(self) -> None:

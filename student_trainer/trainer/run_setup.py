@@ -176,7 +176,8 @@ def build_run(config: TrainerConfig) -> Run:
     sources: list[Source] = []
     try:
         for s in config.sources:
-            sources.append(Source.connect(s, target_vocab, target_fingerprint, vocab_cache, config.run.connect_timeout_s))
+            sources.append(Source.connect(s, target_vocab, target_fingerprint, vocab_cache, config.run.connect_timeout_s,
+                                          gather_ids=config.on_policy.gather_ids * s.texts_per_request))
     except BaseException:
         for source in sources:
             source.close()

@@ -14,7 +14,14 @@ import numpy as np
 
 from protos import teacher_pb2 as pb
 from student_trainer.core.alignment import TeacherOutput, Tokens, VocabPair, make_vocab_pair
-from student_trainer.trainer.client import ClientTLS, FingerprintMismatch, ResponseTooLarge, TeacherClient
+from student_trainer.core.vocab import counterpart_map
+from student_trainer.trainer.client import (
+    ClientTLS,
+    FingerprintMismatch,
+    GatherArrays,
+    ResponseTooLarge,
+    TeacherClient,
+)
 from student_trainer.trainer.config import ConfigError, SourceConfig
 from student_trainer.trainer.vocab_cache import cached_vocab_map
 
@@ -34,17 +41,22 @@ class SourceChanged(RuntimeError):
 class Source:
     """One source: a client over its replicas, its vocabulary pair, the failure policy. ``connect`` builds it."""
 
-    def __init__(self, config: SourceConfig, client: TeacherClient, info: pb.TeacherInfo, pair: VocabPair) -> None:
+    def __init__(self, config: SourceConfig, client: TeacherClient, info: pb.TeacherInfo, pair: VocabPair,
+                 counterparts: np.ndarray | None = None) -> None:
         self.config, self.name = config, config.name
         self.client, self.info, self.pair = client, info, pair
+        self.counterparts = counterparts  # target id -> this source's exact id or -1 (when gathering: on-policy)
         self._broken_since: float | None = None  # shared by the prefetch threads: read and written under _lock
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
     @classmethod
     def connect(cls, config: SourceConfig, target_vocab: Sequence[str], target_fingerprint: str,
-                cache_dir: Path, connect_timeout: float = 60.0) -> Source:
-        """Connects to the teacher, checks its limits and maps its vocabulary into the target's (cached)."""
+                cache_dir: Path, connect_timeout: float = 60.0, gather_ids: int = 0) -> Source:
+        """Connects to the teacher, checks its limits and maps its vocabulary into the target's (cached).
+
+        ``gather_ids``: the most ids one of this run's requests will ask the teacher to gather (on-policy
+        reverse KL / JSD; 0: none) — refused here when the teacher cannot gather that many."""
         # under "skip" a dead source should cost little per batch: one gRPC-level retry, then skip
         attempts = 2 if config.failure == "skip" else 5
         tls = ClientTLS(**config.tls.model_dump()) if config.tls is not None else None
@@ -61,33 +73,40 @@ class Source:
             client.close()
             raise ConfigError(f"sources[{config.name}].top_k={config.top_k} exceeds the teacher's "
                              f"max_top_k={info.max_top_k}")
+        if gather_ids > info.max_gather_ids:
+            client.close()
+            raise ConfigError(_cannot_gather(config, info, gather_ids))
         vmap = cached_vocab_map(vocab, target_vocab, info.tokenizer_fingerprint, target_fingerprint, cache_dir)
-        return cls(config, client, info, make_vocab_pair(vocab, target_vocab, vmap))
+        counterparts = counterpart_map(vocab, target_vocab) if gather_ids else None
+        return cls(config, client, info, make_vocab_pair(vocab, target_vocab, vmap), counterparts)
 
     def close(self) -> None:
         """Closes the channel: in-flight and later fetches end with SourceFailed instead of retrying."""
         self._closed.set()
         self.client.close()
 
-    def _score(self, texts: Sequence[str]) -> list[TeacherOutput]:
+    def _score(self, texts: Sequence[str], gather: Sequence[GatherArrays] | None) -> list[TeacherOutput]:
         n = self.config.texts_per_request
         out: list[TeacherOutput] = []
         for s in range(0, len(texts), n):
             for r in self.client.score(texts[s:s + n], top_k=self.config.top_k, truncate=True,
-                                       expect_fingerprint=self.info.tokenizer_fingerprint):
+                                       expect_fingerprint=self.info.tokenizer_fingerprint,
+                                       gather=None if gather is None else gather[s:s + n]):
                 tokens = Tokens(r.input_ids.astype(np.int64), r.offsets.astype(np.int64))
+                gathered = None if r.gathered_logprobs is None else r.gathered_logprobs.astype(np.float32)
                 out.append(TeacherOutput(tokens, r.topk_ids.astype(np.int64), r.topk_logprobs.astype(np.float32),
-                                         r.next_logprobs.astype(np.float32)))
+                                         r.next_logprobs.astype(np.float32), gathered))
         return out
 
-    def fetch(self, texts: Sequence[str]) -> list[TeacherOutput] | None:
-        """Teacher outputs for ``texts``; None when the source is down and its policy is ``skip``."""
+    def fetch(self, texts: Sequence[str], gather: Sequence[GatherArrays] | None = None) -> list[TeacherOutput] | None:
+        """Teacher outputs for ``texts``; None when the source is down and its policy is ``skip``. ``gather``: one
+        ``(ends (m,), ids (m, c))`` per text, this teacher's ids (see ``TeacherClient.score``)."""
         backoff = 0.5
         while True:
             if self._closed.is_set():
                 raise SourceFailed(f"source {self.name!r} was closed")
             try:
-                result = self._score(texts)
+                result = self._score(texts, gather)
                 with self._lock:
                     was_broken, self._broken_since = self._broken_since is not None, None
                 if was_broken:
@@ -139,3 +158,13 @@ class Source:
             raise SourceFailed(f"{what}; it did not come back within wait_max_s={self.config.wait_max_s}")
         self._closed.wait(backoff)  # close() ends the wait
         return min(backoff * 2, 10.0)
+
+
+def _cannot_gather(config: SourceConfig, info: pb.TeacherInfo, asked: int) -> str:
+    what = (f"cannot gather (backend {info.backend}: TeacherInfo.max_gather_ids = 0)" if not info.max_gather_ids else
+            f"gathers at most {info.max_gather_ids} ids per request")
+    return (f"source {config.name!r} {what}, and on_policy.divergence needs up to {asked} per request "
+            f"(sources[{config.name}].texts_per_request × on_policy.max_new_tokens × on_policy.gather_candidates): "
+            "reverse_kl and jsd need each teacher's log-probs at the student's candidate tokens. Use "
+            "on_policy.divergence=forward_kl, fewer texts_per_request or gather_candidates, or a teacher that "
+            "gathers (the HF backend; raise its --max-gather-ids)")

@@ -87,6 +87,8 @@ class RolloutStats:
     new_tokens: int = 0              # continuation tokens kept (up to the first special token the student sampled)
     continuation_positions: int = 0  # positions that predict a continuation token
     trained_positions: int = 0       # of those, where a source distribution was aligned: the loss covers these
+    gather_candidates: int = 0       # reverse_kl / jsd: candidate tokens asked of the teachers (summed over them)
+    gather_no_counterpart: int = 0   # of those, left out: no exact counterpart in that teacher's vocabulary
 
     def __add__(self, other: RolloutStats) -> RolloutStats:
         return RolloutStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -98,9 +100,12 @@ class RolloutStats:
         return self.continuation_positions - self.trained_positions
 
     def metrics(self) -> dict[str, float]:
-        return {"rollouts": float(self.micro_batches), "rollout_new_tokens": float(self.new_tokens),
-                "rollout_trained_positions": float(self.trained_positions),
-                "rollout_unaligned_positions": float(self.unaligned_positions)}
+        out = {"rollouts": float(self.micro_batches), "rollout_new_tokens": float(self.new_tokens),
+               "rollout_trained_positions": float(self.trained_positions),
+               "rollout_unaligned_positions": float(self.unaligned_positions)}
+        if self.gather_candidates:
+            out["gather_no_counterpart_share"] = self.gather_no_counterpart / self.gather_candidates
+        return out
 
 
 @dataclass

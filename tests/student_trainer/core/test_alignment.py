@@ -250,3 +250,18 @@ def test_stack_targets_pads_to_widest():
     ids, lp, aligned = stack_targets([a, b])
     assert ids.shape == lp.shape == (2, 3, 4) and aligned.shape == (2, 3)
     assert np.isneginf(lp[0, :, 2:]).all() and np.isfinite(lp[1]).all()
+
+
+def test_gathered_entries_join_aligned_rows_as_a_union():
+    from student_trainer.core.alignment import SparseTargets, with_gathered
+
+    targets = SparseTargets(np.array([[3, 5], [4, 0], [7, 2]]), np.log(np.array([[0.5, 0.2], [0.6, 0.0], [1.0, 0.0]],
+                                                                                  np.float32)),
+                            np.array([True, True, False]))
+    got = with_gathered(targets, np.array([0, 1, 2]), np.array([[5, 9], [6, -1], [8, 9]]),
+                        np.log(np.array([[0.21, 0.1], [0.05, 0.3], [0.4, 0.4]], np.float32)))
+    assert got.ids.shape == (3, 4) and got.aligned.tolist() == [True, True, False]
+    assert got.ids[0].tolist()[3] == 9 and np.isneginf(got.logprobs[0, 2])  # 5 held already: not added twice
+    assert got.ids[1, 2] == 6 and np.isclose(np.exp(got.logprobs[1, 2]), 0.05) and np.isneginf(got.logprobs[1, 3])
+    assert np.isneginf(got.logprobs[2, 2:]).all()  # the one-hot fallback row takes nothing
+    assert np.array_equal(got.ids[:, :2], targets.ids) and np.array_equal(got.logprobs[:, :2], targets.logprobs)

@@ -54,18 +54,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def teacher_config(model: Path, port: int = 0) -> TeacherConfig:
+def teacher_config(model: Path, port: int = 0, **extra: Any) -> TeacherConfig:
     return load_config(overrides={"model": str(model), "host": "127.0.0.1", "port": port, "metrics_port": None,
-                                  "device": "cpu", "log_format": "text", "warmup": False})
+                                  "device": "cpu", "log_format": "text", "warmup": False, **extra})
 
 
 class Teacher:
     """One teacher server in this process on a fixed port; ``kill`` stops it abruptly, ``restart`` brings a
     (possibly different) model back on the same port."""
 
-    def __init__(self, model: Path, hold_after: int | None = None, port: int | None = None) -> None:
+    def __init__(self, model: Path, hold_after: int | None = None, port: int | None = None, **settings: Any) -> None:
+        """``settings``: more TeacherConfig fields (e.g. ``max_gather_ids=0``)."""
         self.port = port or free_port()
-        self.model = model
+        self.model, self.settings = model, settings
         self.backend: ControlledBackend | None = None
         self.server: BackgroundServer | None = None
         self.start(model, hold_after)
@@ -75,7 +76,7 @@ class Teacher:
         return f"127.0.0.1:{self.port}"
 
     def start(self, model: Path, hold_after: int | None = None) -> None:
-        config = teacher_config(model, self.port)
+        config = teacher_config(model, self.port, **self.settings)
         inner, tokenizer = load_hf(config)
         self.backend = ControlledBackend(inner, hold_after)
         self.server = BackgroundServer(config, self.backend, tokenizer).start()
@@ -111,6 +112,12 @@ class Teacher:
             self.backend.release.set()
             self.server.stop()
             self.server = None
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _accepts(port: int) -> bool:

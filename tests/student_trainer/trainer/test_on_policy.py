@@ -39,6 +39,7 @@ from student_trainer.trainer.prefetch import FusedBatch
 from student_trainer.trainer.rollouts import (
     TokenText,
     continuation_mask,
+    gather_plan,
     is_rollout,
     prompt_length,
     rollout_block,
@@ -119,18 +120,21 @@ def test_sampling_is_seeded_uses_only_temperature_and_top_p_and_leaves_the_train
     kw = {"pad_id": 0, "eos_id": None, "suppress": [], "synced": False}
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = sample(model, prompts, cfg, seed=5, **kw)
+    a = [x.ids for x in sample(model, prompts, cfg, seed=5, **kw)]
     assert torch.equal(torch.get_rng_state(), before)  # fork_rng: the training RNG did not move
-    b = sample(model, prompts, cfg, seed=5, **kw)
-    c = sample(model, prompts, cfg, seed=6, **kw)
+    b = [x.ids for x in sample(model, prompts, cfg, seed=5, **kw)]
+    c = [x.ids for x in sample(model, prompts, cfg, seed=6, **kw)]
     assert [x.tolist() for x in a] == [x.tolist() for x in b] != [x.tolist() for x in c]
     assert [len(x) for x in a] == [6, 6]
     model.generation_config.top_k, model.generation_config.min_p = 2, 0.9  # a checkpoint's generation defaults
-    assert [x.tolist() for x in sample(model, prompts, cfg, seed=5, **kw)] == [x.tolist() for x in a]
+    assert [x.ids.tolist() for x in sample(model, prompts, cfg, seed=5, **kw)] == [x.tolist() for x in a]
     assert model.generation_config.top_k == 2  # put back
-    alone = sample(model, prompts[1:], OnPolicyConfig(share=0.5, max_new_tokens=6, temperature=0), seed=0, **kw)
-    padded = sample(model, prompts, OnPolicyConfig(share=0.5, max_new_tokens=6, temperature=0), seed=0, **kw)
-    assert alone[0].tolist() == padded[1].tolist()  # greedy: left padding does not change a row
+    greedy = OnPolicyConfig(share=0.5, max_new_tokens=6, temperature=0)
+    alone = sample(model, prompts[1:], greedy, seed=0, **kw)
+    padded = sample(model, prompts, greedy, seed=0, candidates=3, **kw)
+    assert alone[0].ids.tolist() == padded[1].ids.tolist()  # greedy: left padding does not change a row
+    assert padded[1].candidates.shape == (6, 3) and alone[0].candidates is None
+    assert padded[1].candidates[:, 0].tolist() == padded[1].ids.tolist()  # greedy picks each step's top candidate
 
 
 def test_the_rollout_loss_touches_only_the_continuations_aligned_positions():
@@ -203,9 +207,7 @@ def test_a_source_down_under_skip_is_left_out_of_a_rollouts_fusion_and_counted(t
 @pytest.mark.parametrize(("override", "message"), [
     ("on_policy.share=1.5", "on_policy.share: Input should be less than or equal to 1 (got 1.5)"),
     ("on_policy.divergence=kl", "on_policy.divergence: Input should be 'forward_kl', 'reverse_kl' or 'jsd'"),
-    ("on_policy.divergence=jsd", "on_policy.divergence='jsd' needs each teacher's log-probs at the student's "
-                                 "candidate tokens, i.e. teachers that support gather"),
-    ("on_policy.divergence=reverse_kl", "on_policy.divergence='reverse_kl' needs each teacher's log-probs"),
+    ("on_policy.gather_candidates=0", "on_policy.gather_candidates: Input should be greater than or equal to 1"),
     ("on_policy.jsd_beta=1", "on_policy.jsd_beta: Input should be less than 1 (got 1)"),
     ("on_policy.top_p=0", "on_policy.top_p: Input should be greater than 0 (got 0)"),
     ("on_policy.temperature=-1", "on_policy.temperature: Input should be greater than or equal to 0 (got -1)"),
@@ -389,3 +391,103 @@ def test_two_ranks_under_zero3_train_on_their_rollouts_together(tmp_path, target
     assert "  on-policy: loss " in done[0].stderr
     trained, initial = _weights(tmp_path / "out"), load_file(target / "model.safetensors")
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_the_gather_plan_asks_at_character_boundaries_for_each_positions_candidates(tokenizers):
+    """Where the teachers are asked for the student's candidates: each continuation position (the prompt's last
+    position predicts the first new token) whose token ends on a character boundary — not a byte fragment inside
+    a character, which no teacher position has read to — at the character it ends at."""
+    tok = tokenizers("mistral-spm")
+    text = "def f(x): 🦙 done"  # the llama is four byte tokens in this vocabulary
+    ((ids, offsets),) = tokenize_texts(tok, [text])
+    block = Block(ids, offsets, text)
+    prompt = 3
+    candidates = np.arange(len(ids) * 2).reshape(-1, 2)[: len(ids) - prompt]
+    plan = gather_plan(block, prompt, candidates)
+    fragments = {i for i in range(len(ids) - 1) if offsets[i + 1, 0] < offsets[i, 1]}
+    assert fragments, "the text has no byte-fragment tokens"
+    expected = [i for i in range(prompt - 1, len(ids) - 1) if i not in fragments]
+    assert plan.positions.tolist() == expected and plan.ends.tolist() == offsets[expected, 1].tolist()
+    assert (np.diff(plan.ends) > 0).all()
+    assert plan.candidates.tolist() == candidates[np.array(expected) - (prompt - 1)].tolist()
+
+
+@pytest.mark.integration
+def test_gathered_log_probs_equal_a_direct_forward_and_join_the_fused_support(target, tiny_model_dirs):
+    """reverse_kl / jsd: each teacher gives its log-probs at the student's candidates where its token ends with
+    the target's — same tokenizer (gpt-neox with Mistral's, the target's) and another (gpt2, byte-level BPE) — equal
+    to a direct forward of the teacher model; candidates without an exact counterpart are left out and counted;
+    the gathered entries join the fused rows; a teacher that cannot gather is refused when the run connects."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = load_target_tokenizer(str(target))
+    vocab = raw_vocab(tok, len(tok) + 64)
+    text_all = Path(__file__).read_text()[:600]
+    ((ids, offsets),) = tokenize_texts(tok, [text_all])
+    block = Block(ids[:48], offsets[:48], text_all[:offsets[47, 1]])
+    rng = np.random.default_rng(0)
+    candidates = np.concatenate([ids[12:47, None], rng.integers(3, len(tok), (35, 3))], 1)  # the true next + 3
+    plan = gather_plan(block, 12, candidates)
+    running = {name: Teacher(tiny_model_dirs[name]) for name in ("gpt-neox", "gpt2")}
+    sources = [Source.connect(SourceConfig(name=n, endpoints=[t.address], timeout_s=30), vocab,
+                              tokenizer_fingerprint(tok), default_vocab_dir(), 10, gather_ids=35 * 4)
+               for n, t in running.items()]
+    try:
+        for source, name in zip(sources, running, strict=True):
+            ends, teacher_ids = plan.for_source(source)
+            (out,) = source.fetch([block.text], [(ends, teacher_ids)])
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[name])
+            t_tok = AutoTokenizer.from_pretrained(tiny_model_dirs[name])
+            enc = t_tok(block.text, add_special_tokens=False, return_offsets_mapping=True)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([enc["input_ids"]])).logits[0].float(), -1)
+            t_end = np.asarray(enc["offset_mapping"])[:, 1]
+            checked = 0
+            for r, e in enumerate(ends.tolist()):
+                at = np.flatnonzero(t_end == e)
+                for c, tid in enumerate(teacher_ids[r].tolist()):
+                    if tid < 0 or not len(at):
+                        assert np.isneginf(out.gathered_logprobs[r, c])
+                        continue
+                    assert out.gathered_logprobs[r, c] == pytest.approx(float(logp[at[-1], tid]), rel=1e-3)  # fp16
+                    checked += 1
+            assert checked > 20, name
+            if name == "gpt-neox":  # the target's own tokenizer: every candidate has its counterpart
+                assert (teacher_ids >= 0).all()
+        batch = collate(1, [block], tok.pad_token_id)
+        with ThreadPoolExecutor(4) as pool:
+            fused = rollouts_module.score(batch, [12], 35, sources, MethodConfig(), pool, [plan])
+        row = plan.positions[5]
+        held = set(fused.fuse_ids[0, row][np.isfinite(fused.fuse_logprobs[0, row])].tolist())
+        assert set(plan.candidates[5].tolist()) <= held  # MinCE's pick holds every candidate at an aligned row
+        assert fused.rollout.gather_candidates == 2 * plan.candidates.size
+        assert 0 < fused.rollout.gather_no_counterpart < plan.candidates.size  # gpt2 lacks some of Mistral's tokens
+        with Teacher(tiny_model_dirs["gpt2"], max_gather_ids=0) as cannot, pytest.raises(
+                ConfigError, match=r"source 'x' cannot gather \(backend hf: TeacherInfo.max_gather_ids = 0\)"):
+            Source.connect(SourceConfig(name="x", endpoints=[cannot.address], timeout_s=10), vocab,
+                           tokenizer_fingerprint(tok), default_vocab_dir(), 10, gather_ids=8)
+    finally:
+        for t in running.values():
+            t.stop()
+        for s in sources:
+            s.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_reverse_kl_and_jsd_train_on_the_teachers_log_probs_at_the_students_candidates(tmp_path, target, teachers):
+    """The divergences that need gather, end to end: every rollout asks both teachers for the student's
+    candidates, counts those without a counterpart, and trains (the loss is finite and positive, the weights
+    move)."""
+    sources = [source(n, t) for n, t in teachers.items()]
+    for kind in ("reverse_kl", "jsd"):
+        train(load_trainer_config(_config(tmp_path, kind, target, sources, on_policy={
+            **ON_POLICY, "divergence": kind, "gather_candidates": 4}, train={
+                "max_steps": 2, "seed": 0, "deepspeed": {"train_micro_batch_size_per_gpu": 2,
+                                                         "gradient_accumulation_steps": 2, **SGD}})))
+        steps, _ = read_metrics(tmp_path / kind)
+        assert [r["rollouts"] for r in steps] == [1, 1]
+        assert all(0 < r["on_policy_loss"] < 50 for r in steps), steps
+        assert all(0 <= r["gather_no_counterpart_share"] < 1 for r in steps)
+        moved = _weights(tmp_path / kind)
+        assert any(not torch.equal(moved[k], w) for k, w in load_file(target / "model.safetensors").items())
