@@ -154,14 +154,14 @@ class Recorder:
             s.fetch = self._live(s.name) if mode == "live" else self._replay(s.name)
 
     def _live(self, name: str):
-        def fetch(texts):
-            out = self.live[name](texts)
+        def fetch(texts, gather=None):  # off-policy micro-batches: no gather
+            out = self.live[name](texts, gather)
             self.store[(name, tuple(texts))] = out
             return out
         return fetch
 
     def _replay(self, name: str):
-        def fetch(texts):
+        def fetch(texts, gather=None):
             return self.store[(name, tuple(texts))]  # KeyError = a text the live pass never fetched
         return fetch
 

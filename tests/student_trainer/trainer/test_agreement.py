@@ -25,7 +25,7 @@ class _OneRankFails:
     def __init__(self, error: Exception | None) -> None:
         self.name, self.error = "gpt2", error
 
-    def fetch(self, texts):
+    def fetch(self, texts, gather=None):
         if self.error is not None:
             raise self.error
         return None  # down under policy skip: no score, but no failure either

@@ -34,7 +34,7 @@ class _FlakySource:
     def __init__(self, down: int) -> None:
         self.name, self.down, self.fetches = "flaky", down, 0
 
-    def fetch(self, texts):
+    def fetch(self, texts, gather=None):
         self.fetches += 1
         if self.fetches <= self.down:
             return None

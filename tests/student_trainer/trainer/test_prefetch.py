@@ -41,7 +41,7 @@ class FakeSource:
         self.name, self.pair, self.peak, self.top, self.down = name, PAIR, peak, top, down
         self.fetched: list[list[str]] = []
 
-    def fetch(self, texts):
+    def fetch(self, texts, gather=None):
         self.fetched.append(list(texts))
         return None if self.down else [teacher_output(self.blocks[t], self.peak, self.top) for t in texts]
 
