@@ -21,12 +21,11 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online_overhead import ROOT, _cpus, build_models, start_teachers, trainer_config  # noqa: E402
+from online_overhead import ROOT, _cpus, teachers_running, trainer_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 SPLIT = ("generate_seconds", "teacher_wait_seconds", "fuse_wait_seconds", "train_seconds")
@@ -113,39 +112,30 @@ def compare(run, rollouts, args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    os.sched_setaffinity(0, _cpus(args.trainer_cpus))  # before any thread starts: they all inherit it
-    import torch
+    with teachers_running(args, "on-policy-") as (tmp, models, teachers):  # pins this process's CPUs first
+        import torch
 
-    torch.set_num_threads(args.threads)
-    from student_trainer.trainer.config import OnPolicyConfig
-    from student_trainer.trainer.rollouts import Rollouts
-    from student_trainer.trainer.run_setup import build_run
+        from student_trainer.trainer.config import OnPolicyConfig
+        from student_trainer.trainer.rollouts import Rollouts
+        from student_trainer.trainer.run_setup import build_run
 
-    with tempfile.TemporaryDirectory(prefix="on-policy-") as tmp_name:
-        tmp = Path(tmp_name)
-        models = build_models(args, tmp)
-        teachers = start_teachers(args, models)
-        try:
-            config = trainer_config(args, models, teachers, tmp / "out")
-            on = OnPolicyConfig(share=args.share, prompt_tokens=args.prompt_tokens or args.seq_len // 2,
-                                max_new_tokens=args.max_new_tokens)
-            run = build_run(config.model_copy(update={"on_policy": on}))
-            rollouts = Rollouts(run, run.engine.gradient_accumulation_steps())
-            print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                  f"{torch.__version__}, load average {os.getloadavg()[0]:.2f}; trainer CPUs "
-                  f"{sorted(_cpus(args.trainer_cpus))}, teacher CPUs {sorted(_cpus(args.teacher_cpus))}")
-            print(f"target llama {args.target_size}, teachers gpt2/mpt {args.teacher_size}, seq {args.seq_len}, "
-                  f"micro-batch {args.micro_batch}, gas {args.gas}, prefetch depth {args.depth}; on-policy: share "
-                  f"{args.share}, prompt {on.prompt_tokens} tokens, {args.max_new_tokens} new tokens; "
-                  f"{args.steps} timed steps after {args.warmup}", flush=True)
-            compare(run, rollouts, args)
-            print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-            rollouts.close()
-            rollouts.join()
-            run.logger.close()
-        finally:
-            for t in teachers:
-                t.stop()
+        config = trainer_config(args, models, teachers, tmp / "out")
+        on = OnPolicyConfig(share=args.share, prompt_tokens=args.prompt_tokens or args.seq_len // 2,
+                            max_new_tokens=args.max_new_tokens)
+        run = build_run(config.model_copy(update={"on_policy": on}))
+        rollouts = Rollouts(run, run.engine.gradient_accumulation_steps())
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+              f"{torch.__version__}, load average {os.getloadavg()[0]:.2f}; trainer CPUs "
+              f"{sorted(_cpus(args.trainer_cpus))}, teacher CPUs {sorted(_cpus(args.teacher_cpus))}")
+        print(f"target llama {args.target_size}, teachers gpt2/mpt {args.teacher_size}, seq {args.seq_len}, "
+              f"micro-batch {args.micro_batch}, gas {args.gas}, prefetch depth {args.depth}; on-policy: share "
+              f"{args.share}, prompt {on.prompt_tokens} tokens, {args.max_new_tokens} new tokens; "
+              f"{args.steps} timed steps after {args.warmup}", flush=True)
+        compare(run, rollouts, args)
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        rollouts.close()
+        rollouts.join()
+        run.logger.close()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -360,6 +362,25 @@ def memory(args: argparse.Namespace, run, model_dir: Path, tmp: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+@contextmanager
+def teachers_running(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, dict[str, Path], list]]:
+    """A bench's setup: this process on the trainer's CPUs with its torch threads (before any thread starts: they
+    all inherit it), the tiny models in a temporary folder and their teacher servers, stopped on exit."""
+    os.sched_setaffinity(0, _cpus(args.trainer_cpus))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_name:
+        tmp = Path(tmp_name)
+        models = build_models(args, tmp)
+        teachers = start_teachers(args, models)
+        try:
+            yield tmp, models, teachers
+        finally:
+            for t in teachers:
+                t.stop()
+
+
 def main() -> None:
     args = parse_args()
     if args.memory_child:
@@ -367,34 +388,25 @@ def main() -> None:
         return
     if args.device != "cpu" and not args.skip_memory:
         raise SystemExit("the memory part measures CPU tensors only (torch.profiler CPU allocator): add --skip-memory")
-    os.sched_setaffinity(0, _cpus(args.trainer_cpus))  # before any thread starts: they all inherit it
-    import torch
+    with teachers_running(args, "online-overhead-") as (tmp, models, teachers):  # pins this process's CPUs first
+        import torch
 
-    torch.set_num_threads(args.threads)
-    from student_trainer.trainer.run_setup import build_run
+        from student_trainer.trainer.run_setup import build_run
 
-    with tempfile.TemporaryDirectory(prefix="online-overhead-") as tmp_name:
-        tmp = Path(tmp_name)
-        models = build_models(args, tmp)
-        teachers = start_teachers(args, models)
-        try:
-            run = build_run(trainer_config(args, models, teachers, tmp / "out"))
-            print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                  f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}; trainer CPUs "
-                  f"{sorted(_cpus(args.trainer_cpus))} ({args.threads} torch threads), teacher CPUs "
-                  f"{sorted(_cpus(args.teacher_cpus))} ({args.teacher_threads} each)")
-            print(f"target llama {args.target_size}, teachers gpt2/mpt {args.teacher_size}, seq {args.seq_len}, "
-                  f"micro-batch {args.micro_batch}, gas {args.gas}, {args.steps} timed steps after {args.warmup}",
-                  flush=True)
-            results = overhead(args, run, [t.proc.pid for t in teachers])
-            print_overhead(results)
-            print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-            if not args.skip_memory:
-                memory(args, run, models["target"], tmp)
-            run.logger.close()
-        finally:
-            for t in teachers:
-                t.stop()
+        run = build_run(trainer_config(args, models, teachers, tmp / "out"))
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}; trainer CPUs "
+              f"{sorted(_cpus(args.trainer_cpus))} ({args.threads} torch threads), teacher CPUs "
+              f"{sorted(_cpus(args.teacher_cpus))} ({args.teacher_threads} each)")
+        print(f"target llama {args.target_size}, teachers gpt2/mpt {args.teacher_size}, seq {args.seq_len}, "
+              f"micro-batch {args.micro_batch}, gas {args.gas}, {args.steps} timed steps after {args.warmup}",
+              flush=True)
+        results = overhead(args, run, [t.proc.pid for t in teachers])
+        print_overhead(results)
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        if not args.skip_memory:
+            memory(args, run, models["target"], tmp)
+        run.logger.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -229,3 +230,20 @@ def subprocess_env() -> dict[str, str]:
     env = clean_env()
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def launch_ranks(configs: list[Path], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """One ``livefuse-train`` process per config, started as a launcher starts ranks (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``/``PORT`` in its environment; world = the number of configs); their exit codes and output."""
+    port, procs = free_port(), []
+    for rank, config in enumerate(configs):
+        env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(configs)),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(config)], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]

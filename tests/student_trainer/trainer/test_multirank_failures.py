@@ -10,22 +10,18 @@ sat in the step's all-reduce: a hang until the process group's timeout (this tes
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import REPO
-
 from .helpers import (
     Teacher,
-    free_port,
+    launch_ranks,
     losses_by_step,
     read_metrics,
     source,
-    subprocess_env,
     trainer_config,
     write_config,
 )
@@ -61,26 +57,9 @@ def _configs(tmp_path: Path, name: str, target: Path, gpt2: list[Teacher], mpt: 
                                     "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                                     "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "scheduler": None}},
                                 run={"output_dir": str(tmp_path / name), "eval_blocks": 4, "progress": False,
-                                     "prefetch_depth": 2, "connect_timeout_s": 30})
+                                     "prefetch_depth": 1, "connect_timeout_s": 30})  # depth 1: forwards in order
         out.append(write_config(config, tmp_path / f"{name}-rank{rank}.yaml"))
     return out
-
-
-def _ranks(configs: list[Path], timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Both ranks as a launcher starts them; their exit codes and output."""
-    port = free_port()
-    procs = []
-    for rank, config in enumerate(configs):
-        env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(config)], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
@@ -104,16 +83,16 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_fail_on_one_rank_stops_every_rank_and_the_rerun_resumes_bit_identically(tmp_path, target, mpt,
                                                                                   healthy_gpt2, tiny_model_dirs):
-    straight = _ranks(_configs(tmp_path, "straight", target, [healthy_gpt2, healthy_gpt2], mpt, failure="fail"))
+    straight = launch_ranks(_configs(tmp_path, "straight", target, [healthy_gpt2, healthy_gpt2], mpt, failure="fail"))
     assert all(d.returncode == 0 for d in straight), straight[0].stderr[-3000:] + straight[1].stderr[-3000:]
     flaky = Teacher(tiny_model_dirs["gpt2"], hold_after=HOLD_AFTER)
     try:
         chaos = flaky.kill_when_held()
         configs = _configs(tmp_path, "failed", target, [healthy_gpt2, flaky], mpt, failure="fail")
-        _assert_all_exit_3_alike(_ranks(configs), "source 'gpt2' failed: ", tmp_path / "failed")
+        _assert_all_exit_3_alike(launch_ranks(configs), "source 'gpt2' failed: ", tmp_path / "failed")
         chaos.join(60)
         flaky.start(tiny_model_dirs["gpt2"])  # back on the same port: the same commands go on
-        rerun = _ranks(configs)
+        rerun = launch_ranks(configs)
     finally:
         flaky.stop()
     assert all(d.returncode == 0 for d in rerun), rerun[0].stderr[-3000:] + rerun[1].stderr[-3000:]
@@ -135,7 +114,7 @@ def test_wait_timeout_or_a_changed_tokenizer_on_one_rank_stops_every_rank_alike(
         chaos = flaky.kill_when_held(then_start=back)
         configs = _configs(tmp_path, "run", target, [healthy_gpt2, flaky], mpt, failure="wait", wait_max_s=3)
         expected = ("did not come back within wait_max_s=3" if back is None else "came back with tokenizer")
-        _assert_all_exit_3_alike(_ranks(configs), expected, tmp_path / "run")
+        _assert_all_exit_3_alike(launch_ranks(configs), expected, tmp_path / "run")
         chaos.join(60)
     finally:
         flaky.stop()

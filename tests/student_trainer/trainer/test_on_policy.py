@@ -12,8 +12,6 @@ end at different steps, train on rollouts together.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,11 +51,10 @@ from tests import REPO
 
 from .helpers import (
     Teacher,
-    free_port,
+    launch_ranks,
     losses_by_step,
     read_metrics,
     source,
-    subprocess_env,
     trainer_config,
     write_config,
 )
@@ -349,22 +346,6 @@ def test_share_zero_is_todays_training_exactly(tmp_path, target, teachers, recor
     assert not recorded and all(r["rollouts"] == 0 and r["generate_seconds"] == 0 for r in steps)
 
 
-def _ranks(configs: list[Path], timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Both ranks as a launcher starts them; their exit codes and output."""
-    port, procs = free_port(), []
-    for rank, config in enumerate(configs):
-        env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(configs)),
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "student_trainer", "--config", str(config)], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_ranks_under_zero3_train_on_their_rollouts_together(tmp_path, target, teachers):
@@ -381,7 +362,7 @@ def test_two_ranks_under_zero3_train_on_their_rollouts_together(tmp_path, target
                                 run={"output_dir": str(tmp_path / "out"), "eval_blocks": 4, "progress": False,
                                      "prefetch_depth": 2, "connect_timeout_s": 30, "summary_every": 2})
         configs.append(write_config(config, tmp_path / f"rank{rank}.yaml"))
-    done = _ranks(configs)
+    done = launch_ranks(configs)
     assert all(d.returncode == 0 for d in done), done[0].stderr[-3000:] + done[1].stderr[-3000:]
     steps, evals = read_metrics(tmp_path / "out")
     assert [r["step"] for r in steps] == [1, 2] and len(evals) == 1
