@@ -21,6 +21,7 @@ from tests import REPO
 
 from .helpers import (
     free_port,
+    launch_ranks,
     losses_by_step,
     paragraph_corpus,
     read_metrics,
@@ -115,16 +116,18 @@ ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_p
          "stage3_max_reuse_distance": 0}
 
 
-def _clm_config(tmp_path: Path, name: str, target: Path, micro: int, gas: int, zero: dict) -> Path:
+def _clm_config(tmp_path: Path, name: str, target: Path, micro: int, gas: int, zero: dict, bf16: bool = False
+                ) -> Path:
     """CLM only (λ = 1, no sources), 5 SGD updates on blocks of many lengths; 5 held-out blocks: uneven over 2
-    ranks."""
+    ranks. ``bf16``: the target loaded in bf16 and DeepSpeed's bf16 mode (the paper config's)."""
     config = trainer_config(target, tmp_path / name, [], method={"lambda_clm": 1.0},
                             data=paragraph_corpus(tmp_path / "corpus"),
                             train={"max_steps": 5, "seed": 0, "deepspeed": {
                                 "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-                                "zero_optimization": zero, **SGD}},
+                                "zero_optimization": zero, "bf16": {"enabled": bf16}, **SGD}},
                             run={**trainer_config(target, tmp_path / name, [])["run"], "eval_blocks": 5,
                                  "checkpoint_every": 3})
+    config["target"]["dtype"] = "bfloat16" if bf16 else "float32"
     return write_config(config, tmp_path / f"{name}.yaml")
 
 
@@ -179,6 +182,26 @@ def test_two_zero3_ranks_under_the_deepspeed_launcher_train_evaluate_export_and_
     assert losses_by_step(two) == straight_losses and evals == straight_evals  # exactly
     resumed = _weights(two / "final")
     assert all(torch.equal(resumed[k], got[k]) for k in resumed)  # bit for bit
+
+
+def test_bf16_with_zero3_on_two_ranks_trains_evaluates_and_exports_like_one_rank_at_bf16_precision(tmp_path, target):
+    """The paper's precision with partitioned parameters on several ranks: 2 ZeRO-3 ranks in bf16 against 1 rank
+    in bf16 with the same global batch. bf16 rounds each rank's partial sums differently, so the losses agree to
+    bf16's precision, not bit for bit; the evaluation runs and the export is a bf16 model plain transformers
+    reads."""
+    train(load_trainer_config(_clm_config(tmp_path, "one", target, 2, 2, {"stage": 2}, bf16=True)))
+    cfg = _clm_config(tmp_path, "two", target, 2, 1, ZERO3, bf16=True)
+    done = launch_ranks([cfg, cfg], timeout=400)
+    assert all(d.returncode == 0 for d in done), done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    (one_steps, one_evals), (two_steps, two_evals) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two_steps] == [1, 2, 3, 4, 5] and len(two_evals) == 1
+    for a, b in zip(one_steps, two_steps, strict=True):  # measured: at most 4.1e-5 apart
+        assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=2**-10)
+    assert one_steps[-1]["loss"] < one_steps[0]["loss"] * (1 - 2**-7)  # and the model trains
+    assert two_evals[0]["eval"]["student/perplexity"] == pytest.approx(one_evals[0]["eval"]["student/perplexity"],
+                                                                      rel=2**-6)
+    exported = _weights(tmp_path / "two" / "final")
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
 
 
 def test_a_stale_build_lock_does_not_hang_the_next_run(tmp_path, target):
