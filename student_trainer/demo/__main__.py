@@ -35,11 +35,20 @@ from protos.logs import setup_logging
 from student_trainer.demo import cpu_malloc
 from student_trainer.demo.assets import SMOLLM2_GGUF, smollm2_dir, tokenizer_dir
 from student_trainer.demo.corpus import read_jsonl, write_corpus, write_mixed_validation
+from student_trainer.demo.generations import judge_all
 from student_trainer.demo.models import Recipe, pretrain
-from student_trainer.demo.report import evaluate_all, plot_losses, sample_efficiency, write_report
+from student_trainer.demo.report import (
+    DOMAINS,
+    DemoResults,
+    evaluate_all,
+    plot_losses,
+    sample_efficiency,
+    write_report,
+)
 from student_trainer.demo.teacher_process import TeacherProcess, clean_env
 from student_trainer.experiments.compare import Mode, run_grid
 from student_trainer.paths import cache_root
+from student_trainer.trainer.config import OnPolicyConfig
 
 log = logging.getLogger("livefuse.demo")
 
@@ -51,12 +60,20 @@ SOURCES = {
 TARGET = Recipe("llama", "mistral-spm", ("code", "prose"), steps=40, seed=1)
 TEACHER_MAX_TOP_K = 64  # the teacher server's default max_top_k (the demo starts its teachers with defaults)
 CURVE_BLOCKS = 64  # validation blocks (both domains) of the trainer's periodic evaluation
+# On-policy: every 4th micro-batch is the student's own continuation of a corpus prompt, scored by every teacher
+# (forward KL to the MinCE-fused top-k at the continuation). The prompt is the block's first half and the student
+# adds as many tokens, so a rollout costs the teachers what a corpus micro-batch does; a quarter of the steps, since
+# the tiny student's early samples are near noise and each rollout takes a corpus micro-batch's place (GKD's
+# students start from trained models and go up to all-on-policy). Temperature 1, top-p 1: its own distribution.
+ON_POLICY = ["on_policy.share=0.25", "on_policy.prompt_fraction=0.5", "on_policy.max_new_tokens=64",
+             "on_policy.temperature=1.0", "on_policy.top_p=1.0", "on_policy.divergence=forward_kl"]
 MODES = {
     "clm_only": ["method.lambda_clm=1.0"],
     "min_ce": ["method.fusion=min_ce"],
     "avg_ce": ["method.fusion=avg_ce"],
     "min_ce_offsets": ["method.fusion=min_ce", "method.aligner=offsets"],
     "avg_ce_offsets": ["method.fusion=avg_ce", "method.aligner=offsets"],
+    "on_policy_min_ce": ["method.fusion=min_ce", *ON_POLICY],
 }
 DEFAULT_MODES = ["clm_only", "min_ce", "avg_ce"]
 
@@ -127,6 +144,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source-scale", type=float, default=1.0,
                    help="multiply only the sources' pretraining steps (stronger teachers; default 1)")
     p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks per domain in the table")
+    p.add_argument("--gen-prompts", type=int, default=48,
+                   help="held-out prompts per domain that every model continues, scored by the teachers (default 48; "
+                        "0: no generation scores)")
+    p.add_argument("--gen-tokens", type=int, default=64,
+                   help="tokens each model samples after a held-out prompt (the first half of a block; default 64)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between the trainer's validation evaluations, the points of the sample-efficiency plot "
                         "(default: steps / 4)")
@@ -136,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.pretrain_scale, args.eval_blocks, args.seq_len = 4, 0.025, 4, 64
+        args.gen_prompts, args.gen_tokens = min(args.gen_prompts, 4), min(args.gen_tokens, 16)
         args.eval_every = args.eval_every or 2
     if not 1 <= args.top_k <= TEACHER_MAX_TOP_K:
         p.error(f"--top-k must be between 1 and {TEACHER_MAX_TOP_K} (the teacher's max_top_k), got {args.top_k}")
@@ -172,6 +195,24 @@ def start_teachers(stack: ExitStack, models: dict[str, Path], args: argparse.Nam
     return teachers
 
 
+def is_on_policy(mode: Mode) -> bool:
+    return any(o.startswith("on_policy.share=") and float(o.partition("=")[2]) > 0 for o in mode.overrides)
+
+
+def add_generations(result: DemoResults, args: argparse.Namespace, modes: list[Mode], seeds: list[int],
+                    initial: Path, corpus: dict[str, Path], teachers: dict[str, str]) -> None:
+    """Every model's continuations of held-out prompts, judged by the live teachers, into ``result``."""
+    cfg = OnPolicyConfig(prompt_fraction=0.5, max_new_tokens=args.gen_tokens, temperature=1.0, top_p=1.0)
+    texts = {d: read_jsonl(corpus[f"{d}_heldout"]) for d in DOMAINS}
+    scores, initial_row, result.reference = judge_all(args.out / "runs", [m.name for m in modes], seeds, initial, texts,
+                                                      teachers, args.seq_len, args.gen_prompts, cfg)
+    result.initial.update(initial_row)
+    for mode, by_seed in scores.items():
+        for seed, row in by_seed.items():
+            result.scores[mode][seed].update(row)
+    result.on_policy = [m.name for m in modes if is_on_policy(m)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("console", "INFO", prefix="demo")
@@ -194,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         run_grid(config, args.out / "runs", modes, seeds, env=clean_env())
         log.info("4/4 held-out evaluation per domain")
         result = evaluate_all(args.out, models, teachers, corpus, modes, seeds, args.seq_len, args.eval_blocks)
+        if args.gen_prompts > 0:
+            log.info(f"   what each model generates: {args.gen_prompts} held-out prompts per domain, scored by the "
+                     "teachers")
+            add_generations(result, args, modes, seeds, models["target_init"], corpus, teachers)
     result.curves = sample_efficiency(args.out, modes, seeds, models["target_init"], curve_file, args.seq_len)
     table = write_report(args.out, result, args)
     plot_losses(args.out, [m.name for m in modes])

@@ -56,7 +56,7 @@ def test_results_round_trip_with_int_seeds_and_refuse_another_version(tmp_path):
     result.write(tmp_path / "results.json")
     back = DemoResults.read(tmp_path / "results.json")
     assert list(back.scores["clm_only"]) == [0] and back.curves["clm_only"][0][1] == (10.0, 400.0)
-    assert back.version == 1 and back.initial == result.initial
-    (tmp_path / "old.json").write_text((tmp_path / "results.json").read_text().replace('"version": 1', '"version": 0'))
-    with pytest.raises(ValueError, match=r"old.json: not a DemoResults of this livefuse \(version 1\)"):
+    assert back.version == 2 and back.initial == result.initial
+    (tmp_path / "old.json").write_text((tmp_path / "results.json").read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ValueError, match=r"old.json: not a DemoResults of this livefuse \(version 2\)"):
         DemoResults.read(tmp_path / "old.json")
