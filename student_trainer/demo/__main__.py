@@ -149,11 +149,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "0: no generation scores)")
     p.add_argument("--gen-tokens", type=int, default=64,
                    help="tokens each model samples after a held-out prompt (the first half of a block; default 64)")
+    p.add_argument("--gen-temperature", type=float, default=1.0,
+                   help="sampling temperature of those continuations (0: greedy; default 1, the student's own "
+                        "distribution, as in the trainer's rollouts)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between the trainer's validation evaluations, the points of the sample-efficiency plot "
                         "(default: steps / 4)")
     p.add_argument("--real", action="store_true",
                    help="also serve SmolLM2-135M-Instruct (a real LM, 93 MB download once) as a source")
+    p.add_argument("--skip-done", action="store_true",
+                   help="keep the runs in --out that already finished (resume a batch, or score finished runs again, "
+                        "e.g. with another --gen-temperature)")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 4 steps, 0.025 pretraining, 4 eval blocks, evaluation every 2 steps")
     args = p.parse_args(argv)
     if args.quick:
@@ -201,11 +207,13 @@ def is_on_policy(mode: Mode) -> bool:
 
 def add_generations(result: DemoResults, args: argparse.Namespace, modes: list[Mode], seeds: list[int],
                     initial: Path, corpus: dict[str, Path], teachers: dict[str, str]) -> None:
-    """Every model's continuations of held-out prompts, judged by the live teachers, into ``result``."""
-    cfg = OnPolicyConfig(prompt_fraction=0.5, max_new_tokens=args.gen_tokens, temperature=1.0, top_p=1.0)
+    """Every model's continuations of held-out prompts, judged by the live sources, into ``result``. The target's
+    initial model is no judge: it would rate text like its own best, i.e. reward a student for not moving."""
+    cfg = OnPolicyConfig(prompt_fraction=0.5, max_new_tokens=args.gen_tokens, temperature=args.gen_temperature)
     texts = {d: read_jsonl(corpus[f"{d}_heldout"]) for d in DOMAINS}
+    judges = {name: address for name, address in teachers.items() if name != "target_init"}
     scores, initial_row, result.reference = judge_all(args.out / "runs", [m.name for m in modes], seeds, initial, texts,
-                                                      teachers, args.seq_len, args.gen_prompts, cfg)
+                                                      judges, args.seq_len, args.gen_prompts, cfg)
     result.initial.update(initial_row)
     for mode, by_seed in scores.items():
         for seed, row in by_seed.items():
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         teachers = start_teachers(stack, models, args)
         config = train_config(args.out / "runs" / "template", corpus, curve_file, models["target_init"], teachers, args)
         log.info(f"3/4 training {', '.join(m.name for m in modes)} × seeds {seeds} ({args.steps} steps each)")
-        run_grid(config, args.out / "runs", modes, seeds, env=clean_env())
+        run_grid(config, args.out / "runs", modes, seeds, env=clean_env(), skip_done=args.skip_done)
         log.info("4/4 held-out evaluation per domain")
         result = evaluate_all(args.out, models, teachers, corpus, modes, seeds, args.seq_len, args.eval_blocks)
         if args.gen_prompts > 0:

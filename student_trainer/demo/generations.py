@@ -28,7 +28,7 @@ from student_trainer.experiments.generation_metrics import (
 from student_trainer.experiments.seed_stats import Scores
 from student_trainer.trainer.client import TeacherClient
 from student_trainer.trainer.config import OnPolicyConfig
-from student_trainer.trainer.data.blocks import Block, first_blocks
+from student_trainer.trainer.data.blocks import Block, first_blocks, load_target_tokenizer
 from student_trainer.trainer.rollouts import TokenText, prompt_length, rollout_block, sample
 
 EVAL_SEED = 20261221  # the sampling seed of every model's continuations (paired across modes and seeds)
@@ -41,9 +41,9 @@ class Prompts:
     blocks: list[Block]
     lengths: list[int]
 
-    def reference(self) -> list[np.ndarray]:
-        """The held-out text's continuations: each block after its prompt."""
-        return [b.ids[p:] for b, p in zip(self.blocks, self.lengths, strict=True)]
+    def reference(self, max_new_tokens: int) -> list[np.ndarray]:
+        """The held-out text's own continuations: each block's next ``max_new_tokens`` after its prompt."""
+        return [b.ids[p:p + max_new_tokens] for b, p in zip(self.blocks, self.lengths, strict=True)]
 
 
 def heldout_prompts(texts: list[str], tokenizer, seq_len: int, n_blocks: int, cfg: OnPolicyConfig) -> Prompts:
@@ -93,15 +93,15 @@ def generation_scores(continuations: Sequence[np.ndarray], prompts: Prompts, tex
 def judge_model(folder: Path | None, prompts: Mapping[str, Prompts], teachers: Mapping[str, str],
                 cfg: OnPolicyConfig, tokenizer_folder: Path) -> dict[str, float]:
     """``<domain>_<score>`` of one model's continuations (``folder``; None: the held-out text's own)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(folder or tokenizer_folder)
+    tokenizer = load_target_tokenizer(str(folder or tokenizer_folder))  # the trainer's: EOS pads
     model = AutoModelForCausalLM.from_pretrained(folder) if folder is not None else None
     size = model.get_output_embeddings().weight.shape[0] if model is not None else len(tokenizer)
     text = TokenText(raw_vocab(tokenizer, size), tokenizer.all_special_ids)
     row = {}
     for domain, p in prompts.items():
-        conts = continue_prompts(model, tokenizer, p, cfg) if model is not None else p.reference()
+        conts = continue_prompts(model, tokenizer, p, cfg) if model is not None else p.reference(cfg.max_new_tokens)
         expert = domain if domain in teachers else None
         row.update({f"{domain}_{k}": v for k, v in generation_scores(conts, p, text, teachers, expert).items()})
     return row
@@ -112,9 +112,7 @@ def judge_all(runs: Path, modes: Sequence[str], seeds: Sequence[int], initial: P
               ) -> tuple[Scores, dict[str, float], dict[str, float]]:
     """Every run's exported model (``runs/<mode>/seed-<s>/final``), the target's initial model and the held-out
     text itself on the same prompts: (scores per mode and seed, the initial model's, the reference's)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(initial)
+    tokenizer = load_target_tokenizer(str(initial))
     prompts = {d: heldout_prompts(t, tokenizer, seq_len, n_prompts, cfg) for d, t in texts.items()}
     scores: Scores = {m: {s: judge_model(run_dir(runs, m, s) / "final", prompts, teachers, cfg, initial)
                           for s in seeds} for m in modes}
