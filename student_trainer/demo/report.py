@@ -37,7 +37,7 @@ from student_trainer.trainer.evaluation import summarise, teacher_sums
 
 DOMAINS = ("code", "prose")
 BASELINE = "clm_only"
-OFF_POLICY = "min_ce"  # the on-policy modes' second baseline: the same fusion without rollouts
+OFF_POLICY = ("min_ce", "min_ce_2x")  # the on-policy modes' other baselines: the same fusion without rollouts
 GEN_KEYS = ("gen_nats_per_char", "gen_expert_nats_per_char", "distinct2", "rep4", "gen_tokens")
 
 
@@ -112,7 +112,7 @@ _GEN_COLUMNS = (("gen_nats_per_char", "teachers nats/char", 3), ("gen_expert_nat
                 ("distinct2", "distinct-2", 3), ("rep4", "rep-4", 3), ("gen_tokens", "new tokens", 1))
 
 
-def generation_table(result: DemoResults, n_prompts: int) -> str:
+def generation_table(result: DemoResults, n_prompts: int, temperature: float) -> str:
     """What each model generates on the held-out prompts (mean ± sd over seeds), beside the held-out text's own
     continuations: the teachers' NLL per character (MinCE-fused; the domain's expert alone), distinct-2, the
     repeated 4-gram rate and the mean continuation length."""
@@ -127,10 +127,11 @@ def generation_table(result: DemoResults, n_prompts: int) -> str:
     body = "".join(f"| {label} | " + " | ".join(_fmt(cells.get(k, []), digits) for k, _, digits in cols) + " |\n"
                    for label, cells in rows)
     return ("What the models generate: the first half of each of " + f"{n_prompts} held-out blocks per domain is "
-            "the prompt; each model continues it by sampling at temperature 1 (one fixed seed for every model); "
-            "every teacher scores prompt + continuation in its own tokens. teachers nats/char = the continuations' "
-            "NLL per character, per continuation from the source with the lowest (MinCE's rule, over all "
-            "sources); expert = the domain's own source; distinct-2 = distinct token bigrams / all (higher: more "
+            f"the prompt; each model continues it by sampling at temperature {temperature:g} (one fixed seed for every "
+            "model); "
+            "every source scores prompt + continuation in its own tokens. teachers nats/char = the continuations' "
+            "NLL per character, per continuation from the source with the lowest (MinCE's rule; the target's "
+            "initial model is no judge: it would favour text like its own); expert = the domain's own source; distinct-2 = distinct token bigrams / all (higher: more "
             "varied); rep-4 = share of 4-grams repeating an earlier one in the same continuation (lower: less "
             "looping); lower teachers' NLL counts only where distinct-2 and rep-4 stay near the reference.\n\n"
             + head + body)
@@ -181,12 +182,12 @@ def write_report(out: Path, result: DemoResults, args) -> str:
     generated = bool(result.reference)
     metrics = ["code_ppl", "prose_ppl", *(["code_gen_nats_per_char", "prose_gen_nats_per_char"] if generated else [])]
     if generated:
-        table += "\n" + generation_table(result, args.gen_prompts)
+        table += "\n" + generation_table(result, args.gen_prompts, args.gen_temperature)
     if BASELINE in scores and len(scores) > 1:
         table += "\n" + paired_table(scores, metrics, BASELINE)
     on_policy = {m: scores[m] for m in result.on_policy if m in scores}
-    if OFF_POLICY in scores and on_policy:
-        table += "\n" + paired_table({OFF_POLICY: scores[OFF_POLICY], **on_policy}, metrics, OFF_POLICY)
+    for base in (b for b in OFF_POLICY if b in scores and on_policy):
+        table += "\n" + paired_table({base: scores[base], **on_policy}, metrics, base)
     table += "\n" + efficiency_sentences(result.curves) + validation_line(result.curves)
     (out / "results.md").write_text(table)
     plot_sample_efficiency(out, result.curves)

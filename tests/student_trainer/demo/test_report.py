@@ -74,7 +74,7 @@ def test_generation_scores_get_their_table_and_on_policy_modes_a_second_baseline
     scores = {m: {s: {**_row(250 + s, 950), **_gen(v[s])} for s in range(3)} for m, v in nll.items()}
     result = DemoResults(scores=scores, initial={**_row(870, 1720), **_gen(2.5, 0.9)},
                          sources={}, reference=_gen(1.2, 0.6), on_policy=["on_policy_min_ce"])
-    table = write_report(tmp_path, result, Namespace(seeds=3, eval_blocks=48, seq_len=128, steps=60, gen_prompts=48))
+    table = write_report(tmp_path, result, Namespace(seeds=3, eval_blocks=48, seq_len=128, steps=60, gen_prompts=48, gen_temperature=0.7))
     assert "| held-out text (reference) | 1.200 | 1.200 | 1.300 | 1.300 | 0.600 | 0.600 | 0.010 | 0.010 | 64.0 | 64.0 |" in table
     assert "| target (initial) | 2.500 | 2.500 | 2.600 |" in table
     assert "| target + on_policy_min_ce | 1.453 ± 0.015 | 1.453 ± 0.015 |" in table
@@ -88,6 +88,6 @@ def test_generation_scores_get_their_table_and_on_policy_modes_a_second_baseline
 def test_without_generation_scores_the_report_is_as_before(tmp_path):
     result = DemoResults(scores={"clm_only": {0: _row(250, 950)}, "min_ce": {0: _row(240, 930)}},
                          initial=_row(870, 1720), sources={}, on_policy=["min_ce"])
-    table = write_report(tmp_path, result, Namespace(seeds=1, eval_blocks=48, seq_len=128, steps=60, gen_prompts=0))
+    table = write_report(tmp_path, result, Namespace(seeds=1, eval_blocks=48, seq_len=128, steps=60, gen_prompts=0, gen_temperature=0.7))
     assert "What the models generate" not in table and "gen_nats_per_char" not in table
     assert "| mode | code_ppl | prose_ppl |\n" in table
