@@ -37,17 +37,22 @@ from student_trainer.trainer.evaluation import summarise, teacher_sums
 
 DOMAINS = ("code", "prose")
 BASELINE = "clm_only"
+OFF_POLICY = ("min_ce", "min_ce_2x")  # the on-policy modes' other baselines: the same fusion without rollouts
+GEN_KEYS = ("gen_nats_per_char", "gen_expert_nats_per_char", "distinct2", "rep4", "gen_tokens")
 
 
 class DemoResults(BaseModel):
     """``results.json``: every score of the report (seeds as ints here, as strings in the file), versioned."""
 
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
-    version: Literal[1] = 1
-    scores: Scores                          # mode -> seed -> "<domain>_ppl" / "<domain>_nats_per_char"
+    version: Literal[2] = 2
+    scores: Scores                          # mode -> seed -> "<domain>_ppl" / "<domain>_nats_per_char", and the
+                                            # generation scores "<domain>_gen_nats_per_char" etc. (GEN_KEYS)
     initial: dict[str, float]               # the target's initial model, same keys
-    sources: dict[str, dict[str, float]]    # source -> same keys (ppl is NaN: another tokenizer)
+    sources: dict[str, dict[str, float]]    # source -> ppl / nats_per_char keys (ppl is NaN: another tokenizer)
     curves: Curves = {}                     # mode -> seed -> (training tokens, validation perplexity)
+    reference: dict[str, float] = {}        # the held-out text's own continuations: the generation keys
+    on_policy: list[str] = []               # the modes with rollouts (paired against OFF_POLICY too)
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))
@@ -91,16 +96,45 @@ def sample_efficiency(out: Path, modes: Sequence[Mode], seeds: Sequence[int], in
     return {m: {s: [(0.0, start), *pts] for s, pts in by_seed.items()} for m, by_seed in curves.items()}
 
 
-def _fmt(values: Sequence[float]) -> str:
-    if any(isinstance(v, float) and math.isnan(v) for v in values):
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    if not values or any(isinstance(v, float) and math.isnan(v) for v in values):
         return "–"
     mean, sd = mean_sd(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def _row(label: str, cells: dict[str, Sequence[float]]) -> str:
     keys = [f"{d}_{k}" for k in ("ppl", "nats_per_char") for d in DOMAINS]
     return f"| {label} | " + " | ".join(_fmt(cells[k]) for k in keys) + " |\n"
+
+
+_GEN_COLUMNS = (("gen_nats_per_char", "teachers nats/char", 3), ("gen_expert_nats_per_char", "expert nats/char", 3),
+                ("distinct2", "distinct-2", 3), ("rep4", "rep-4", 3), ("gen_tokens", "new tokens", 1))
+
+
+def generation_table(result: DemoResults, n_prompts: int, temperature: float) -> str:
+    """What each model generates on the held-out prompts (mean ± sd over seeds), beside the held-out text's own
+    continuations: the teachers' NLL per character (MinCE-fused; the domain's expert alone), distinct-2, the
+    repeated 4-gram rate and the mean continuation length."""
+    if not result.reference:
+        return ""
+    cols = [(f"{d}_{key}", f"{d} {label}", digits) for key, label, digits in _GEN_COLUMNS for d in DOMAINS]
+    head = "| model | " + " | ".join(c[1] for c in cols) + " |\n| --- |" + " ---: |" * len(cols) + "\n"
+    rows = [("held-out text (reference)", {k: [v] for k, v in result.reference.items()}),
+            ("target (initial)", {k: [v] for k, v in result.initial.items()})]
+    rows += [(f"target + {mode}", {k: [r[k] for r in runs.values() if k in r] for k in next(iter(runs.values()))})
+             for mode, runs in result.scores.items()]
+    body = "".join(f"| {label} | " + " | ".join(_fmt(cells.get(k, []), digits) for k, _, digits in cols) + " |\n"
+                   for label, cells in rows)
+    return ("What the models generate: the first half of each of " + f"{n_prompts} held-out blocks per domain is "
+            f"the prompt; each model continues it by sampling at temperature {temperature:g} (one fixed seed for every "
+            "model); "
+            "every source scores prompt + continuation in its own tokens. teachers nats/char = the continuations' "
+            "NLL per character, per continuation from the source with the lowest (MinCE's rule; the target's "
+            "initial model is no judge: it would favour text like its own); expert = the domain's own source; distinct-2 = distinct token bigrams / all (higher: more "
+            "varied); rep-4 = share of 4-grams repeating an earlier one in the same continuation (lower: less "
+            "looping); lower teachers' NLL counts only where distinct-2 and rep-4 stay near the reference.\n\n"
+            + head + body)
 
 
 def efficiency_sentences(curves: Curves) -> str:
@@ -145,8 +179,15 @@ def write_report(out: Path, result: DemoResults, args) -> str:
             f"{args.steps} training steps per run; target rows are the mean"
             + (f" ± sd over {n} seeds (seed = train seed and data order)" if n > 1 else " of 1 seed") + ".\n")
     table = head + body + note
+    generated = bool(result.reference)
+    metrics = ["code_ppl", "prose_ppl", *(["code_gen_nats_per_char", "prose_gen_nats_per_char"] if generated else [])]
+    if generated:
+        table += "\n" + generation_table(result, args.gen_prompts, args.gen_temperature)
     if BASELINE in scores and len(scores) > 1:
-        table += "\n" + paired_table(scores, ["code_ppl", "prose_ppl"], BASELINE)
+        table += "\n" + paired_table(scores, metrics, BASELINE)
+    on_policy = {m: scores[m] for m in result.on_policy if m in scores}
+    for base in (b for b in OFF_POLICY if b in scores and on_policy):
+        table += "\n" + paired_table({base: scores[base], **on_policy}, metrics, base)
     table += "\n" + efficiency_sentences(result.curves) + validation_line(result.curves)
     (out / "results.md").write_text(table)
     plot_sample_efficiency(out, result.curves)

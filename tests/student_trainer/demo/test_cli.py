@@ -46,3 +46,37 @@ def test_extra_modes_are_named_runs_with_trainer_overrides(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--extra-mode", "x", "--extra-mode", "x"])
     assert "'x' is taken" in capsys.readouterr().err
+
+
+def test_every_built_in_mode_is_a_valid_trainer_config(tmp_path):
+    """The modes' overrides are applied to the demo's own config template and validated as the trainer does."""
+    import argparse
+
+    from student_trainer.demo.__main__ import MODES, train_config
+    from student_trainer.trainer.config import load_trainer_config
+
+    corpus = {f"{d}_train": tmp_path / f"{d}.jsonl" for d in ("code", "prose")}
+    config = train_config(tmp_path / "runs" / "template", corpus, tmp_path / "valid.jsonl", tmp_path / "target",
+                          {"code": "127.0.0.1:1"}, argparse.Namespace(**vars(parse_args([]))))
+    loaded = {name: load_trainer_config(config, overrides) for name, overrides in MODES.items()}
+    on_policy, control = loaded["on_policy_min_ce"], loaded["min_ce_2x"]
+    assert on_policy.on_policy.share == 0.5 and on_policy.method.fusion == "min_ce"
+    assert on_policy.on_policy.divergence == "forward_kl" and on_policy.on_policy.temperature == 1.0
+    for two in (on_policy, control):  # one corpus micro-batch (as min_ce's step) + one rollout, or + one more corpus
+        assert two.train.deepspeed["gradient_accumulation_steps"] == 2
+        assert two.train.deepspeed["train_micro_batch_size_per_gpu"] == 4
+    assert control.on_policy.share == 0 and loaded["min_ce"].on_policy.share == 0
+
+
+def test_on_policy_modes_are_the_ones_with_rollouts():
+    from student_trainer.demo.__main__ import MODES, is_on_policy
+    from student_trainer.experiments.compare import Mode
+
+    assert [m for m, o in MODES.items() if is_on_policy(Mode(m, tuple(o)))] == ["on_policy_min_ce"]
+    assert is_on_policy(Mode("x", ("on_policy.share=0.25",))) and not is_on_policy(Mode("x", ("on_policy.share=0",)))
+
+
+def test_generation_defaults_and_quick():
+    args, quick = parse_args([]), parse_args(["--quick"])
+    assert (args.gen_prompts, args.gen_tokens, args.gen_temperature) == (48, 64, 0.7)
+    assert (quick.gen_prompts, quick.gen_tokens) == (4, 16)

@@ -56,7 +56,38 @@ def test_results_round_trip_with_int_seeds_and_refuse_another_version(tmp_path):
     result.write(tmp_path / "results.json")
     back = DemoResults.read(tmp_path / "results.json")
     assert list(back.scores["clm_only"]) == [0] and back.curves["clm_only"][0][1] == (10.0, 400.0)
-    assert back.version == 1 and back.initial == result.initial
-    (tmp_path / "old.json").write_text((tmp_path / "results.json").read_text().replace('"version": 1', '"version": 0'))
-    with pytest.raises(ValueError, match=r"old.json: not a DemoResults of this livefuse \(version 1\)"):
+    assert back.version == 2 and back.initial == result.initial
+    (tmp_path / "old.json").write_text((tmp_path / "results.json").read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ValueError, match=r"old.json: not a DemoResults of this livefuse \(version 2\)"):
         DemoResults.read(tmp_path / "old.json")
+
+
+def _gen(nll: float, distinct: float = 0.5) -> dict[str, float]:
+    return {f"{d}_{k}": v for d in ("code", "prose") for k, v in
+            {"gen_nats_per_char": nll, "gen_expert_nats_per_char": nll + 0.1, "distinct2": distinct, "rep4": 0.01,
+             "gen_tokens": 64.0}.items()}
+
+
+def test_generation_scores_get_their_table_and_on_policy_modes_a_second_baseline(tmp_path):
+    nll = {"clm_only": (1.6, 1.62, 1.58), "min_ce": (1.5, 1.52, 1.49), "on_policy_min_ce": (1.45, 1.47, 1.44),
+           "avg_ce": (1.5, 1.5, 1.5)}
+    scores = {m: {s: {**_row(250 + s, 950), **_gen(v[s])} for s in range(3)} for m, v in nll.items()}
+    result = DemoResults(scores=scores, initial={**_row(870, 1720), **_gen(2.5, 0.9)},
+                         sources={}, reference=_gen(1.2, 0.6), on_policy=["on_policy_min_ce"])
+    table = write_report(tmp_path, result, Namespace(seeds=3, eval_blocks=48, seq_len=128, steps=60, gen_prompts=48, gen_temperature=0.7))
+    assert "| held-out text (reference) | 1.200 | 1.200 | 1.300 | 1.300 | 0.600 | 0.600 | 0.010 | 0.010 | 64.0 | 64.0 |" in table
+    assert "| target (initial) | 2.500 | 2.500 | 2.600 |" in table
+    assert "| target + on_policy_min_ce | 1.453 ± 0.015 | 1.453 ± 0.015 |" in table
+    vs_clm, vs_min_ce = table.split("Paired change against clm_only")[1].split("Paired change against min_ce")
+    assert "| mode | code_ppl | prose_ppl | code_gen_nats_per_char | prose_gen_nats_per_char |" in vs_clm
+    assert "| on_policy_min_ce | 0.00 ± 0.00% (0/3) | 0.00 ± 0.00% (0/3) | -9.17 ± 0.27% (3/3) ✓ |" in vs_clm
+    assert "| on_policy_min_ce | 0.00 ± 0.00% (0/3) | 0.00 ± 0.00% (0/3) | -3.33 ± 0.03% (3/3) ✓ |" in vs_min_ce
+    assert "| avg_ce |" in vs_clm and "| avg_ce |" not in vs_min_ce and "| clm_only |" not in vs_min_ce
+
+
+def test_without_generation_scores_the_report_is_as_before(tmp_path):
+    result = DemoResults(scores={"clm_only": {0: _row(250, 950)}, "min_ce": {0: _row(240, 930)}},
+                         initial=_row(870, 1720), sources={}, on_policy=["min_ce"])
+    table = write_report(tmp_path, result, Namespace(seeds=1, eval_blocks=48, seq_len=128, steps=60, gen_prompts=0, gen_temperature=0.7))
+    assert "What the models generate" not in table and "gen_nats_per_char" not in table
+    assert "| mode | code_ppl | prose_ppl |\n" in table
