@@ -20,6 +20,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+_u = np.uint64  # array indices cast to unsigned in the kernels: no negative-index wraparound code
 UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
 DTW_BAND_SHARE = 64  # initial half-width at least n_t / 64 (the bound's slack grows with the text)
@@ -119,121 +120,128 @@ def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, 
 
     Rows are padded: index 0 is the cell left of the band, 1..width the band, then the cells right of
     it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's target strings,
-    ``shift``: how far the band starts right of the previous row's."""
+    ``shift``: how far the band starts right of the previous row's. Indices are cast to unsigned: they
+    are never negative, and numba then drops its negative-index wraparound from every load."""
     for k in range(start, stop):
-        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + tab[cols[k]]
-        d_row[k + 1] = d
+        d = min(min(d_prev[_u(k + shift)], d_prev[_u(k + shift + 1)]), d) + tab[_u(cols[_u(k)])]
+        d_row[_u(k + 1)] = d
     return d
 
 
 @numba.njit(cache=True, nogil=True)
-def _l_at(l_row: np.ndarray, i: int, live: tuple[int, int]) -> int:
-    """L at padded index ``i`` of a row whose live cells lie in band cells ``[0, live[0])`` and
-    ``[live[1], width)`` (and the pads); the cells in between hold stale values and count as none."""
-    value = l_row[i]  # loaded either way, so that the choice compiles to a select, not a branch
-    return value if (i <= live[0]) | (i > live[1]) else UNREACHABLE
+def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int) -> np.ndarray:
+    """D in the band, ``(n_s, width) int64``: the unchecked pass."""
+    n = len(lo)
+    acc = np.empty((n, width), np.int64)
+    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
+    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
+    acc[0] = d_prev[1:width + 1]
+    for r in range(1, n):
+        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
+        _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
+        acc[r] = d_row[1:width + 1]
+        d_prev, d_row = d_row, d_prev
+    return acc
 
 
 @numba.njit(cache=True, nogil=True)
-def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
-              l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
-              cost: int) -> tuple[int, int, int, int, int]:
-    """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
-    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D: a band path reaches
-    the cell cheaper, so nothing that leaves the band through it can beat or tie the band's best path
-    without leaving again (which the band path's own L covers). Returns ``(k, d, cost, first, last)``:
-    the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
+def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
+                    left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int]:
+    """D in the band, as :func:`_band_pass`, and L at the last cell, in one pass (see :func:`banded_dtw`).
+
+    L rows are padded like D's: index 0 holds the row's left state (cells left of the band, lumped), the
+    pad right of the band the previous row's right state. A row's L is computed on two stretches: from
+    the left edge while a cell above may be live (``a``: one past the previous row's last live cell of
+    its left stretch), then on along the row while L stays live; and from the right stretch's start
+    (``b``: the previous row's first live cell of its right stretch, or where the right state enters) to
+    the right edge. D alone runs in between. Cells in between hold stale values; the reads never reach
+    them: below ``a`` and from ``b - 1`` on, every cell was written this row (band cell ``b - 1`` is
+    written ``UNREACHABLE`` when it lies in between).
     """
-    first, last = len(cols), -1
-    while k < len(cols) and (k < stop or cost < UNREACHABLE):
-        c = tab[cols[k]]
-        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
-        d_row[k + 1] = d
-        cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
-        cost = cost if cost <= d else UNREACHABLE
-        l_row[k + 1] = cost
-        alive = cost < UNREACHABLE
-        first, last = min(first, k) if alive else first, k if alive else last
-        k += 1
-    return k, d, cost, first, last
-
-
-@numba.njit(cache=True, nogil=True)
-def _dl_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
-            l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], l_first: int) -> tuple[int, int]:
-    """One band row of D and of L (the cheapest path to the cell that left the band before). L is live
-    near the band's edges only: it is computed from the left edge (entered from the left, or below the
-    previous row's live cells) and from the right (below live cells, or entered from the right of the
-    previous band), D alone in between. Returns the row's ``live`` interval bounds (see :func:`_l_at`).
-    """
-    width = len(cols)
-    l_row[0] = l_first
-    left_seed = 1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0
-    stop = max(left_seed, live[0] - shift + 1 if live[0] > 0 else 0)
-    k, d, cost, _, last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, 0, stop, UNREACHABLE,
-                                    l_first)
-    right_seed = width - shift if l_prev[width + 1] < UNREACHABLE else width
-    start = max(k, min(live[1] - shift if live[1] < width else width, right_seed))
-    d = _d_cells(tab, cols, shift, d_prev, d_row, k, start, d)
-    cost = cost if start == k else UNREACHABLE
-    _, _, _, first, right_last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, start, width,
-                                           d, cost)
-    return last + 1, (first if right_last >= 0 else width)
-
-
-@numba.njit(cache=True, nogil=True)
-def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, live: tuple[int, int], shift: int, floor: int,
-                state: int) -> int:
-    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from
-    the previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
-    leftmost cheapest such cell is not entered from its left neighbour)."""
-    if floor == UNREACHABLE:
-        return UNREACHABLE
-    best = state
-    for i in range(1, shift + 1):  # the previous band's cells that lie left of this one
-        best = min(best, d_prev[i], _l_at(l_prev, i, live))
-    return floor + best
-
-
-@numba.njit(cache=True, nogil=True)
-def _right_state(d_prev: np.ndarray, d_row: np.ndarray, l_prev: np.ndarray, l_row: np.ndarray,
-                 live: tuple[int, int], row_live: tuple[int, int], shift: int, floor: int, state: int) -> int:
-    """The same right of the band: entered from the band's last cell, from the cell above it, or from
-    the previous row's cells right of the band (``state``)."""
-    if floor == UNREACHABLE:
-        return UNREACHABLE
-    width = (len(d_row) - 1) // 2
-    up = min(d_prev[width + shift], _l_at(l_prev, width + shift, live))
-    return floor + min(min(d_row[width], _l_at(l_row, width, row_live)), up, state)
-
-
-@numba.njit(cache=True, nogil=True)
-def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
-               left: np.ndarray, right: np.ndarray, certify: bool) -> tuple[np.ndarray, int]:
-    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else
-    ``UNREACHABLE``)."""
     n = len(lo)
     acc = np.empty((n, width), np.int64)
     d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
     l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
     d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
     acc[0] = d_prev[1:width + 1]
-    live = (0, width)  # row 0: no live L
-    states = (UNREACHABLE, right[0] + acc[0, width - 1] if right[0] < UNREACHABLE else UNREACHABLE)
+    a, b = 0, width  # row 0: no live L
+    sl = UNREACHABLE  # row 0 has no cells left of the band
+    sr = right[0] + d_prev[width] if right[0] < UNREACHABLE else UNREACHABLE
     for r in range(1, n):
-        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
-        if certify:
-            l_prev[width + 1:width + shift + 1] = states[1]  # right of the previous band
-            l_first = _left_state(d_prev, l_prev, live, shift, left[r], states[0])
-            row_live = _dl_row(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, l_first)
-            states = (l_first, _right_state(d_prev, d_row, l_prev, l_row, live, row_live, shift, right[r],
-                                            states[1]))
-            live = row_live
+        s, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
+        for i in range(width + 1, width + s + 1):  # the previous row's cells right of its band
+            l_prev[_u(i)] = sr
+        # The left state: the row's floor there plus the cheapest way in from the row above (the cells
+        # of the previous band left of this one, D or live L, or the previous row's left state).
+        sl_prev, fl = sl, left[r]
+        if fl < UNREACHABLE:
+            best = sl_prev
+            for i in range(min(s, width)):  # band cells of the previous row (padded index i + 1)
+                lv = l_prev[_u(i + 1)]
+                live = (i < a) | (i >= b)
+                best = min(best, d_prev[_u(i + 1)], lv if live else UNREACHABLE)
+            sl = fl + best
         else:
-            _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
+            sl = UNREACHABLE
+        l_row[0] = sl
+        # Where the right stretch starts: below the previous row's live right stretch, or where the right
+        # state enters (the previous row's cells right of its band lie above this row's last s cells).
+        rstart = b - s
+        if s > 0 and sr < UNREACHABLE:
+            rstart = min(rstart, width - s)
+        rstart = max(rstart, 0)
+        # Left stretch, part 1: cells with a possibly live cell above (diagonal or up).
+        e1 = min(max(a - s + 1, 0), rstart) if a > 0 else 0
+        d, cost, last = UNREACHABLE, sl, -1
+        for k in range(e1):
+            c = tab[_u(cols[_u(k)])]
+            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
+            d_row[_u(k + 1)] = d
+            cost = min(min(l_prev[_u(k + s)], l_prev[_u(k + s + 1)]), cost) + c
+            cost = cost if cost <= d else UNREACHABLE
+            l_row[_u(k + 1)] = cost
+            last = k if cost < UNREACHABLE else last
+        # Part 2: on along the row while L is live (nothing live above; the first cell's diagonal is the
+        # previous row's left state when the band did not move).
+        k = e1
+        if k == 0 and s == 0:
+            cost = min(cost, sl_prev)
+        while k < rstart and cost < UNREACHABLE:
+            c = tab[_u(cols[_u(k)])]
+            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
+            d_row[_u(k + 1)] = d
+            cost = cost + c
+            cost = cost if cost <= d else UNREACHABLE
+            l_row[_u(k + 1)] = cost
+            last = k if cost < UNREACHABLE else last
+            k += 1
+        a_row = last + 1
+        # D alone up to the right stretch, then D and L to the right edge (L carried on if contiguous).
+        k_r = max(rstart, k)
+        d = _d_cells(tab, cols, s, d_prev, d_row, k, k_r, d)
+        first = width
+        for k in range(k_r, width):
+            c = tab[_u(cols[_u(k)])]
+            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
+            d_row[_u(k + 1)] = d
+            cost = min(min(l_prev[_u(k + s)], l_prev[_u(k + s + 1)]), cost) + c
+            cost = cost if cost <= d else UNREACHABLE
+            l_row[_u(k + 1)] = cost
+            first = min(first, k) if cost < UNREACHABLE else first
+        b_row = first
+        if a_row <= b_row - 1:
+            l_row[_u(b_row)] = UNREACHABLE  # band cell b - 1: read by the next row's right stretch
+        # The right state: entered from this row's last cell, from the cell above it, or from the
+        # previous row's cells right of the band.
+        if right[r] < UNREACHABLE:
+            up = min(d_prev[_u(width + s)], l_prev[_u(width + s)])
+            sr = right[r] + min(min(d_row[_u(width)], l_row[_u(width)]), min(up, sr))
+        else:
+            sr = UNREACHABLE
         acc[r] = d_row[1:width + 1]
+        a, b = a_row, b_row
         d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
-    return acc, _l_at(l_prev, width, live) if certify else UNREACHABLE
+    return acc, l_prev[_u(width)]
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
@@ -249,9 +257,8 @@ def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.nd
     the last cell (``UNREACHABLE`` once pruned).
     """
     if floors is None:
-        none = np.zeros(len(lo), np.int64)
-        return _band_pass(dist, inv_s, inv_t, lo, width, none, none, False)
-    return _band_pass(dist, inv_s, inv_t, lo, width, floors[0], floors[1], True)
+        return _band_pass(dist, inv_s, inv_t, lo, width), UNREACHABLE
+    return _certified_pass(dist, inv_s, inv_t, lo, width, floors[0], floors[1])
 
 
 @numba.njit(cache=True, nogil=True)
