@@ -60,17 +60,23 @@ def side_floors(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.n
     seen = np.zeros(n_t + 1, np.int64)  # distinct strings among tgt[:p], then among tgt[p:]
     for p in range(n_t):
         seen[p + 1] = max(seen[p], inv_t[p] + 1)
-    left = _sweep(dist, inv_s, np.arange(dist.shape[1]), seen[lo], 0, n, 1)
+    low = np.empty(dist.shape[0], np.int32)  # each source string's cheapest cell anywhere: a sweep's stop
+    for u in range(dist.shape[0]):
+        low[u] = _row_min(dist[u], 0, dist.shape[1], _I32_MAX)
+    left = _sweep(dist, inv_s, np.empty(0, np.int32), low, seen[lo], 0, n, 1)  # columns in order already
     order, seen_after = _last_occurrence_order(inv_t, dist.shape[1])
-    right = _sweep(dist, inv_s, order, seen_after[lo + width], n - 1, -1, -1)
+    right = _sweep(dist, inv_s, order, low, seen_after[lo + width], n - 1, -1, -1)
     return left, right
+
+
+_I32_MAX = np.int32(2**31 - 1)
 
 
 @numba.njit(cache=True, nogil=True)
 def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.ndarray]:
     """Distinct target strings by last occurrence, latest first, and how many occur in ``tgt[p:]``."""
     n_t = len(inv_t)
-    order, count, done = np.empty(n_u, np.int64), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
+    order, count, done = np.empty(n_u, np.int32), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
     k = 0
     for p in range(n_t - 1, -1, -1):
         if not done[inv_t[p]]:
@@ -81,20 +87,44 @@ def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, count: np.ndarray, first: int, stop: int,
-           step: int) -> np.ndarray:
-    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none), rows visited in
-    ``range(first, stop, step)``, an order in which ``count`` never decreases."""
-    best = np.full(dist.shape[0], UNREACHABLE, np.int64)
+def _row_min(row: np.ndarray, start: int, stop: int, low: np.int32) -> np.int32:
+    """``min(low, row[start:stop])``, a loop the compiler vectorises."""
+    for q in range(start, stop):
+        low = min(low, row[_u(q)])
+    return low
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_min_at(row: np.ndarray, order: np.ndarray, start: int, stop: int, low: np.int32) -> np.int32:
+    """``min(low, row[order[start:stop]])``."""
+    for q in range(start, stop):
+        low = min(low, row[_u(order[_u(q)])])
+    return low
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, low: np.ndarray, count: np.ndarray,
+           first: int, stop: int, step: int) -> np.ndarray:
+    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none; an empty ``order``:
+    the columns in their order), rows visited in ``range(first, stop, step)``, an order in which ``count``
+    never decreases. One running minimum per source string, advanced only as far as each row needs, in
+    chunks (vectorised), and no further once it reaches ``low``, the string's minimum over the whole row."""
+    best = np.full(dist.shape[0], _I32_MAX, np.int32)
     done = np.zeros(dist.shape[0], np.int64)  # how far each source string's minimum has advanced
     out = np.empty(len(inv_s), np.int64)
+    identity = len(order) == 0
+    chunk = 64 if identity else 16
     for r in range(first, stop, step):
-        u, k, low = inv_s[r], done[inv_s[r]], best[inv_s[r]]
-        while k < count[r] and low > 0:
-            low = min(low, dist[u, order[k]])
-            k += 1
-        done[u], best[u] = k, low
-        out[r] = low if count[r] > 0 else UNREACHABLE
+        u, c = inv_s[_u(r)], count[_u(r)]
+        k, m, floor = done[_u(u)], best[_u(u)], low[_u(u)]
+        if k < c and m > floor:
+            row = dist[u]
+            while k < c and m > floor:
+                e = min(c, k + chunk)
+                m = _row_min(row, k, e, m) if identity else _row_min_at(row, order, k, e, m)
+                k = e
+            done[_u(u)], best[_u(u)] = k, m
+        out[_u(r)] = m if c > 0 else UNREACHABLE
     return out
 
 
