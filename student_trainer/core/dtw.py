@@ -144,33 +144,50 @@ def band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
-def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray, start: int,
-             stop: int, d: int) -> int:
+def _d_cells(dist: np.ndarray, t0: int, inv_t: np.ndarray, c0: int, d_buf: np.ndarray, prev: int, cur: int,
+             start: int, stop: int, d: int) -> int:
     """D over band cells ``start .. stop-1`` of a row, ``d`` the cell left of ``start``; returns the last.
 
-    Rows are padded: index 0 is the cell left of the band, 1..width the band, then the cells right of
-    it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's target strings,
-    ``shift``: how far the band starts right of the previous row's. Indices are cast to unsigned: they
-    are never negative, and numba then drops its negative-index wraparound from every load."""
+    Flat arrays and offsets, so that a row costs no array views: the row's edit distances are
+    ``dist[t0:]`` (``dist`` raveled), its band's target strings ``inv_t[c0:]``, and D rows live in
+    ``d_buf``, padded: ``d_buf[cur]`` is the cell left of the band, ``d_buf[cur + 1 + k]`` band cell k,
+    then the cells right of it (unreachable for D); ``prev`` is the previous row's offset plus how far the
+    band moved right. Indices are cast to unsigned: they are never negative, and numba then drops its
+    negative-index wraparound from every load."""
+    diag = d_buf[_u(prev + start)]
     for k in range(start, stop):
-        d = min(min(d_prev[_u(k + shift)], d_prev[_u(k + shift + 1)]), d) + tab[_u(cols[_u(k)])]
-        d_row[_u(k + 1)] = d
+        up = d_buf[_u(prev + k + 1)]
+        d = min(min(diag, up), d) + dist[_u(t0 + inv_t[_u(c0 + k)])]
+        d_buf[_u(cur + k + 1)] = d
+        diag = up
     return d
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_row(dist: np.ndarray, t0: int, inv_t: np.ndarray, width: int, d_buf: np.ndarray,
+               acc: np.ndarray) -> None:
+    """Row 0 of D: entered from the left only."""
+    d = 0
+    for k in range(width):
+        d += dist[_u(t0 + inv_t[_u(k)])]
+        d_buf[_u(k + 1)] = d
+        acc[0, _u(k)] = d
 
 
 @numba.njit(cache=True, nogil=True)
 def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int) -> np.ndarray:
     """D in the band, ``(n_s, width) int64``: the unchecked pass."""
-    n = len(lo)
+    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1
+    flat = dist.reshape(-1)
     acc = np.empty((n, width), np.int64)
-    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
-    acc[0] = d_prev[1:width + 1]
+    d_buf = np.full(2 * stride, UNREACHABLE, np.int64)  # two padded rows, alternating
+    _first_row(flat, inv_s[0] * n_u, inv_t, width, d_buf, acc)
     for r in range(1, n):
-        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
-        _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
-        acc[r] = d_row[1:width + 1]
-        d_prev, d_row = d_row, d_prev
+        cur = (r & 1) * stride
+        prev = stride - cur + lo[r] - lo[r - 1]
+        _d_cells(flat, inv_s[r] * n_u, inv_t, lo[r], d_buf, prev, cur, 0, width, UNREACHABLE)
+        for k in range(width):
+            acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
     return acc
 
 
@@ -179,99 +196,109 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
                     left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int]:
     """D in the band, as :func:`_band_pass`, and L at the last cell, in one pass (see :func:`banded_dtw`).
 
-    L rows are padded like D's: index 0 holds the row's left state (cells left of the band, lumped), the
-    pad right of the band the previous row's right state. A row's L is computed on two stretches: from
-    the left edge while a cell above may be live (``a``: one past the previous row's last live cell of
-    its left stretch), then on along the row while L stays live; and from the right stretch's start
-    (``b``: the previous row's first live cell of its right stretch, or where the right state enters) to
-    the right edge. D alone runs in between. Cells in between hold stale values; the reads never reach
-    them: below ``a`` and from ``b - 1`` on, every cell was written this row (band cell ``b - 1`` is
-    written ``UNREACHABLE`` when it lies in between).
+    L rows are padded like D's (``l_buf``, the same offsets): index 0 holds the row's left state (cells
+    left of the band, lumped), the pad right of the band the previous row's right state. A row's L is
+    computed on two stretches: from the left edge while a cell above may be live (``a``: one past the
+    previous row's last live cell of its left stretch), then on along the row while L stays live; and
+    from the right stretch's start (``b``: the previous row's first live cell of its right stretch, or
+    where the right state enters) to the right edge. D alone runs in between. Cells in between hold stale
+    values; the reads never reach them: below ``a`` and from ``b - 1`` on, every cell was written this
+    row (band cell ``b - 1`` is written ``UNREACHABLE`` when it lies in between).
     """
-    n = len(lo)
+    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1
+    flat = dist.reshape(-1)
     acc = np.empty((n, width), np.int64)
-    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
-    acc[0] = d_prev[1:width + 1]
+    d_buf = np.full(2 * stride, UNREACHABLE, np.int64)
+    l_buf = np.full(2 * stride, UNREACHABLE, np.int64)
+    _first_row(flat, inv_s[0] * n_u, inv_t, width, d_buf, acc)
     a, b = 0, width  # row 0: no live L
     sl = UNREACHABLE  # row 0 has no cells left of the band
-    sr = right[0] + d_prev[width] if right[0] < UNREACHABLE else UNREACHABLE
+    sr = right[0] + d_buf[width] if right[0] < UNREACHABLE else UNREACHABLE
     for r in range(1, n):
-        s, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
+        s = lo[r] - lo[r - 1]
+        cur = (r & 1) * stride
+        base = stride - cur  # the previous row's offset
+        prev = base + s
+        t0, c0 = inv_s[r] * n_u, lo[r]
         for i in range(width + 1, width + s + 1):  # the previous row's cells right of its band
-            l_prev[_u(i)] = sr
+            l_buf[_u(base + i)] = sr
         # The left state: the row's floor there plus the cheapest way in from the row above (the cells
         # of the previous band left of this one, D or live L, or the previous row's left state).
         sl_prev, fl = sl, left[r]
         if fl < UNREACHABLE:
             best = sl_prev
-            for i in range(min(s, width)):  # band cells of the previous row (padded index i + 1)
-                lv = l_prev[_u(i + 1)]
+            for i in range(min(s, width)):  # band cells of the previous row
+                lv = l_buf[_u(base + i + 1)]
                 live = (i < a) | (i >= b)
-                best = min(best, d_prev[_u(i + 1)], lv if live else UNREACHABLE)
+                best = min(best, d_buf[_u(base + i + 1)], lv if live else UNREACHABLE)
             sl = fl + best
         else:
             sl = UNREACHABLE
-        l_row[0] = sl
+        l_buf[_u(cur)] = sl
         # Where the right stretch starts: below the previous row's live right stretch, or where the right
         # state enters (the previous row's cells right of its band lie above this row's last s cells).
-        rstart = b - s
+        rstart = b - s if b < width else width
         if s > 0 and sr < UNREACHABLE:
             rstart = min(rstart, width - s)
         rstart = max(rstart, 0)
         # Left stretch, part 1: cells with a possibly live cell above (diagonal or up).
         e1 = min(max(a - s + 1, 0), rstart) if a > 0 else 0
-        d, cost, last = UNREACHABLE, sl, -1
+        d, cost = UNREACHABLE, sl
+        d_diag, l_diag = d_buf[_u(prev)], l_buf[_u(prev)]
         for k in range(e1):
-            c = tab[_u(cols[_u(k)])]
-            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
-            d_row[_u(k + 1)] = d
-            cost = min(min(l_prev[_u(k + s)], l_prev[_u(k + s + 1)]), cost) + c
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d_up, l_up = d_buf[_u(prev + k + 1)], l_buf[_u(prev + k + 1)]
+            d = min(min(d_diag, d_up), d) + c
+            d_buf[_u(cur + k + 1)] = d
+            cost = min(min(l_diag, l_up), cost) + c
             cost = cost if cost <= d else UNREACHABLE
-            l_row[_u(k + 1)] = cost
-            last = k if cost < UNREACHABLE else last
+            l_buf[_u(cur + k + 1)] = cost
+            d_diag, l_diag = d_up, l_up
         # Part 2: on along the row while L is live (nothing live above; the first cell's diagonal is the
         # previous row's left state when the band did not move).
         k = e1
         if k == 0 and s == 0:
             cost = min(cost, sl_prev)
         while k < rstart and cost < UNREACHABLE:
-            c = tab[_u(cols[_u(k)])]
-            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
-            d_row[_u(k + 1)] = d
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d = min(min(d_buf[_u(prev + k)], d_buf[_u(prev + k + 1)]), d) + c
+            d_buf[_u(cur + k + 1)] = d
             cost = cost + c
             cost = cost if cost <= d else UNREACHABLE
-            l_row[_u(k + 1)] = cost
-            last = k if cost < UNREACHABLE else last
+            l_buf[_u(cur + k + 1)] = cost
             k += 1
-        a_row = last + 1
+        a_row = k  # one past the last live cell of the left stretch
+        while a_row > 0 and l_buf[_u(cur + a_row)] >= UNREACHABLE:
+            a_row -= 1
         # D alone up to the right stretch, then D and L to the right edge (L carried on if contiguous).
         k_r = max(rstart, k)
-        d = _d_cells(tab, cols, s, d_prev, d_row, k, k_r, d)
-        first = width
+        d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k, k_r, d)
+        d_diag, l_diag = d_buf[_u(prev + k_r)], l_buf[_u(prev + k_r)]
         for k in range(k_r, width):
-            c = tab[_u(cols[_u(k)])]
-            d = min(min(d_prev[_u(k + s)], d_prev[_u(k + s + 1)]), d) + c
-            d_row[_u(k + 1)] = d
-            cost = min(min(l_prev[_u(k + s)], l_prev[_u(k + s + 1)]), cost) + c
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d_up, l_up = d_buf[_u(prev + k + 1)], l_buf[_u(prev + k + 1)]
+            d = min(min(d_diag, d_up), d) + c
+            d_buf[_u(cur + k + 1)] = d
+            cost = min(min(l_diag, l_up), cost) + c
             cost = cost if cost <= d else UNREACHABLE
-            l_row[_u(k + 1)] = cost
-            first = min(first, k) if cost < UNREACHABLE else first
-        b_row = first
+            l_buf[_u(cur + k + 1)] = cost
+            d_diag, l_diag = d_up, l_up
+        b_row = k_r  # the first live cell of the right stretch
+        while b_row < width and l_buf[_u(cur + b_row + 1)] >= UNREACHABLE:
+            b_row += 1
         if a_row <= b_row - 1:
-            l_row[_u(b_row)] = UNREACHABLE  # band cell b - 1: read by the next row's right stretch
+            l_buf[_u(cur + b_row)] = UNREACHABLE  # band cell b - 1: read by the next row's right stretch
         # The right state: entered from this row's last cell, from the cell above it, or from the
         # previous row's cells right of the band.
         if right[r] < UNREACHABLE:
-            up = min(d_prev[_u(width + s)], l_prev[_u(width + s)])
-            sr = right[r] + min(min(d_row[_u(width)], l_row[_u(width)]), min(up, sr))
+            up = min(d_buf[_u(prev + width)], l_buf[_u(prev + width)])
+            sr = right[r] + min(min(d_buf[_u(cur + width)], l_buf[_u(cur + width)]), min(up, sr))
         else:
             sr = UNREACHABLE
-        acc[r] = d_row[1:width + 1]
+        for k in range(width):
+            acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
         a, b = a_row, b_row
-        d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
-    return acc, l_prev[_u(width)]
+    return acc, l_buf[_u((n - 1 & 1) * stride + width)]
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
