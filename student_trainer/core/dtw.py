@@ -251,28 +251,28 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             d = min(min(d_diag, d_up), d) + c
             d_buf[_u(cur + k + 1)] = d
             cost = min(min(l_diag, l_up), cost) + c
-            cost = cost if cost <= d else UNREACHABLE
-            l_buf[_u(cur + k + 1)] = cost
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)  # pruned where L > D
             d_diag, l_diag = d_up, l_up
         # Part 2: on along the row while L is live (nothing live above; the first cell's diagonal is the
         # previous row's left state when the band did not move).
         k = e1
         if k == 0 and s == 0:
             cost = min(cost, sl_prev)
-        while k < rstart and cost < UNREACHABLE:
+        while k < rstart and cost <= d and cost < UNREACHABLE:
             c = flat[_u(t0 + inv_t[_u(c0 + k)])]
             d = min(min(d_buf[_u(prev + k)], d_buf[_u(prev + k + 1)]), d) + c
             d_buf[_u(cur + k + 1)] = d
             cost = cost + c
-            cost = cost if cost <= d else UNREACHABLE
-            l_buf[_u(cur + k + 1)] = cost
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)
             k += 1
         a_row = k  # one past the last live cell of the left stretch
         while a_row > 0 and l_buf[_u(cur + a_row)] >= UNREACHABLE:
             a_row -= 1
         # D alone up to the right stretch, then D and L to the right edge (L carried on if contiguous).
         k_r = max(rstart, k)
-        d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k, k_r, d)
+        if k_r > k:
+            d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k, k_r, d)
+            cost = UNREACHABLE  # the cells in between are dead
         d_diag, l_diag = d_buf[_u(prev + k_r)], l_buf[_u(prev + k_r)]
         for k in range(k_r, width):
             c = flat[_u(t0 + inv_t[_u(c0 + k)])]
@@ -280,8 +280,7 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             d = min(min(d_diag, d_up), d) + c
             d_buf[_u(cur + k + 1)] = d
             cost = min(min(l_diag, l_up), cost) + c
-            cost = cost if cost <= d else UNREACHABLE
-            l_buf[_u(cur + k + 1)] = cost
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)  # pruned where L > D
             d_diag, l_diag = d_up, l_up
         b_row = k_r  # the first live cell of the right stretch
         while b_row < width and l_buf[_u(cur + b_row + 1)] >= UNREACHABLE:
@@ -298,7 +297,7 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
         for k in range(width):
             acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
         a, b = a_row, b_row
-    return acc, l_buf[_u((n - 1 & 1) * stride + width)]
+    return acc, min(l_buf[_u((n - 1 & 1) * stride + width)], UNREACHABLE)
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
