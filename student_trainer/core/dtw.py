@@ -191,6 +191,9 @@ def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.nd
     return acc
 
 
+_PAD = 4  # cells written past a row's left stretch (dead) and past the band (the right state) every row
+
+
 @numba.njit(cache=True, nogil=True)
 def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
                     left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int]:
@@ -198,19 +201,27 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
 
     L rows are padded like D's (``l_buf``, the same offsets): index 0 holds the row's left state (cells
     left of the band, lumped), the pad right of the band the previous row's right state. A row's L is
-    computed on two stretches: from the left edge while a cell above may be live (``a``: one past the
-    previous row's last live cell of its left stretch), then on along the row while L stays live; and
-    from the right stretch's start (``b``: the previous row's first live cell of its right stretch, or
-    where the right state enters) to the right edge. D alone runs in between. Cells in between hold stale
-    values; the reads never reach them: below ``a`` and from ``b - 1`` on, every cell was written this
-    row (band cell ``b - 1`` is written ``UNREACHABLE`` when it lies in between).
+    computed on two stretches, D alone in between:
+
+    - from the left edge: over the cells with a possibly live cell above (``a``: one past the previous
+      row's last live cell there) and at least the first ``win`` cells, then on along the row while L
+      stays live;
+    - to the right edge: from below the previous row's first live cell there (``b``), or where the right
+      state enters, and at least the last ``win`` cells.
+
+    The fixed ``win`` gives most rows the same three loop lengths (branches the processor predicts; the
+    cells it adds hold dead L). Cells in between hold stale values, which no read reaches: the left
+    stretch writes ``_PAD`` dead cells past its end and reads at most that far past the previous row's
+    when the band moved right by at most ``_PAD`` (other rows go by ``a`` alone), and the right stretch
+    writes a dead cell before its start, where the next row's right stretch reads from at the earliest.
     """
-    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1
+    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1 + _PAD
     flat = dist.reshape(-1)
     acc = np.empty((n, width), np.int64)
     d_buf = np.full(2 * stride, UNREACHABLE, np.int64)
     l_buf = np.full(2 * stride, UNREACHABLE, np.int64)
     _first_row(flat, inv_s[0] * n_u, inv_t, width, d_buf, acc)
+    win = min(max(8, width // 8), width)
     a, b = 0, width  # row 0: no live L
     sl = UNREACHABLE  # row 0 has no cells left of the band
     sr = right[0] + d_buf[width] if right[0] < UNREACHABLE else UNREACHABLE
@@ -220,30 +231,32 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
         base = stride - cur  # the previous row's offset
         prev = base + s
         t0, c0 = inv_s[r] * n_u, lo[r]
-        for i in range(width + 1, width + s + 1):  # the previous row's cells right of its band
-            l_buf[_u(base + i)] = sr
+        for i in range(_PAD):  # the previous row's cells right of its band (those past s are never read)
+            l_buf[_u(base + width + 1 + i)] = sr
+        for i in range(_PAD, s):
+            l_buf[_u(base + width + 1 + i)] = sr
         # The left state: the row's floor there plus the cheapest way in from the row above (the cells
         # of the previous band left of this one, D or live L, or the previous row's left state).
-        sl_prev, fl = sl, left[r]
-        if fl < UNREACHABLE:
-            best = sl_prev
-            for i in range(min(s, width)):  # band cells of the previous row
-                lv = l_buf[_u(base + i + 1)]
-                live = (i < a) | (i >= b)
-                best = min(best, d_buf[_u(base + i + 1)], lv if live else UNREACHABLE)
-            sl = fl + best
-        else:
-            sl = UNREACHABLE
+        sl_prev, best = sl, sl
+        for i in range(min(_PAD, width)):  # band cells of the previous row left of this band: i < s
+            inside = i < s
+            dv, lv = d_buf[_u(base + i + 1)], l_buf[_u(base + i + 1)]
+            live = inside & ((i < a) | (i >= b))
+            best = min(best, min(dv if inside else UNREACHABLE, lv if live else UNREACHABLE))
+        for i in range(_PAD, min(s, width)):
+            lv = l_buf[_u(base + i + 1)]
+            best = min(best, min(d_buf[_u(base + i + 1)], lv if (i < a) | (i >= b) else UNREACHABLE))
+        sl = left[r] + best if left[r] < UNREACHABLE else UNREACHABLE
         l_buf[_u(cur)] = sl
         # Where the right stretch starts: below the previous row's live right stretch, or where the right
         # state enters (the previous row's cells right of its band lie above this row's last s cells).
         rstart = b - s if b < width else width
-        if s > 0 and sr < UNREACHABLE:
-            rstart = min(rstart, width - s)
+        rstart = min(rstart, width - s if (s > 0) & (sr < UNREACHABLE) else width)
         rstart = max(rstart, 0)
-        # Left stretch, part 1: cells with a possibly live cell above (diagonal or up).
-        e1 = min(max(a - s + 1, 0), rstart) if a > 0 else 0
-        d, cost = UNREACHABLE, sl
+        # Left stretch: cells with a possibly live cell above (diagonal or up), and the window.
+        e1 = max(a - s + 1, 0) if a > 0 else 0
+        e1 = min(max(e1, win) if s <= _PAD else e1, rstart)
+        d, cost, last = UNREACHABLE, sl, -1
         d_diag, l_diag = d_buf[_u(prev)], l_buf[_u(prev)]
         for k in range(e1):
             c = flat[_u(t0 + inv_t[_u(c0 + k)])]
@@ -252,8 +265,9 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             d_buf[_u(cur + k + 1)] = d
             cost = min(min(l_diag, l_up), cost) + c
             l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)  # pruned where L > D
+            last = k if cost <= d else last
             d_diag, l_diag = d_up, l_up
-        # Part 2: on along the row while L is live (nothing live above; the first cell's diagonal is the
+        # Then on along the row while L is live (nothing live above; the first cell's diagonal is the
         # previous row's left state when the band did not move).
         k = e1
         if k == 0 and s == 0:
@@ -264,15 +278,18 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             d_buf[_u(cur + k + 1)] = d
             cost = cost + c
             l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)
+            last = k if cost <= d else last
             k += 1
-        a_row = k  # one past the last live cell of the left stretch
-        while a_row > 0 and l_buf[_u(cur + a_row)] >= UNREACHABLE:
-            a_row -= 1
+        k_l = k
+        for i in range(_PAD):
+            l_buf[_u(cur + k_l + 1 + i)] = UNREACHABLE
         # D alone up to the right stretch, then D and L to the right edge (L carried on if contiguous).
-        k_r = max(rstart, k)
-        if k_r > k:
-            d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k, k_r, d)
+        k_r = max(min(rstart, width - win), k_l)
+        if k_r > k_l:
+            d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k_l, k_r, d)
             cost = UNREACHABLE  # the cells in between are dead
+            l_buf[_u(cur + k_r)] = UNREACHABLE  # band cell k_r - 1: the next row's right stretch reads it
+        first = width
         d_diag, l_diag = d_buf[_u(prev + k_r)], l_buf[_u(prev + k_r)]
         for k in range(k_r, width):
             c = flat[_u(t0 + inv_t[_u(c0 + k)])]
@@ -280,13 +297,9 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             d = min(min(d_diag, d_up), d) + c
             d_buf[_u(cur + k + 1)] = d
             cost = min(min(l_diag, l_up), cost) + c
-            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)  # pruned where L > D
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)
+            first = min(first, k if cost <= d else width)
             d_diag, l_diag = d_up, l_up
-        b_row = k_r  # the first live cell of the right stretch
-        while b_row < width and l_buf[_u(cur + b_row + 1)] >= UNREACHABLE:
-            b_row += 1
-        if a_row <= b_row - 1:
-            l_buf[_u(cur + b_row)] = UNREACHABLE  # band cell b - 1: read by the next row's right stretch
         # The right state: entered from this row's last cell, from the cell above it, or from the
         # previous row's cells right of the band.
         if right[r] < UNREACHABLE:
@@ -296,7 +309,7 @@ def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: 
             sr = UNREACHABLE
         for k in range(width):
             acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
-        a, b = a_row, b_row
+        a, b = last + 1, first
     return acc, min(l_buf[_u((n - 1 & 1) * stride + width)], UNREACHABLE)
 
 
