@@ -20,6 +20,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+_u = np.uint64  # array indices cast to unsigned in the kernels: no negative-index wraparound code
 UNREACHABLE = 1 << 40  # DTW cost of a cell no path reaches, exact in int64 arithmetic
 DTW_HALF_BAND = 64  # smallest initial band half-width in target tokens
 DTW_BAND_SHARE = 64  # initial half-width at least n_t / 64 (the bound's slack grows with the text)
@@ -59,17 +60,23 @@ def side_floors(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.n
     seen = np.zeros(n_t + 1, np.int64)  # distinct strings among tgt[:p], then among tgt[p:]
     for p in range(n_t):
         seen[p + 1] = max(seen[p], inv_t[p] + 1)
-    left = _sweep(dist, inv_s, np.arange(dist.shape[1]), seen[lo], 0, n, 1)
+    low = np.empty(dist.shape[0], np.int32)  # each source string's cheapest cell anywhere: a sweep's stop
+    for u in range(dist.shape[0]):
+        low[u] = _row_min(dist[u], 0, dist.shape[1], _I32_MAX)
+    left = _sweep(dist, inv_s, np.empty(0, np.int32), low, seen[lo], 0, n, 1)  # columns in order already
     order, seen_after = _last_occurrence_order(inv_t, dist.shape[1])
-    right = _sweep(dist, inv_s, order, seen_after[lo + width], n - 1, -1, -1)
+    right = _sweep(dist, inv_s, order, low, seen_after[lo + width], n - 1, -1, -1)
     return left, right
+
+
+_I32_MAX = np.int32(2**31 - 1)
 
 
 @numba.njit(cache=True, nogil=True)
 def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.ndarray]:
     """Distinct target strings by last occurrence, latest first, and how many occur in ``tgt[p:]``."""
     n_t = len(inv_t)
-    order, count, done = np.empty(n_u, np.int64), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
+    order, count, done = np.empty(n_u, np.int32), np.zeros(n_t + 1, np.int64), np.zeros(n_u, np.bool_)
     k = 0
     for p in range(n_t - 1, -1, -1):
         if not done[inv_t[p]]:
@@ -80,20 +87,44 @@ def _last_occurrence_order(inv_t: np.ndarray, n_u: int) -> tuple[np.ndarray, np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, count: np.ndarray, first: int, stop: int,
-           step: int) -> np.ndarray:
-    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none), rows visited in
-    ``range(first, stop, step)``, an order in which ``count`` never decreases."""
-    best = np.full(dist.shape[0], UNREACHABLE, np.int64)
+def _row_min(row: np.ndarray, start: int, stop: int, low: np.int32) -> np.int32:
+    """``min(low, row[start:stop])``, a loop the compiler vectorises."""
+    for q in range(start, stop):
+        low = min(low, row[_u(q)])
+    return low
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_min_at(row: np.ndarray, order: np.ndarray, start: int, stop: int, low: np.int32) -> np.int32:
+    """``min(low, row[order[start:stop]])``."""
+    for q in range(start, stop):
+        low = min(low, row[_u(order[_u(q)])])
+    return low
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(dist: np.ndarray, inv_s: np.ndarray, order: np.ndarray, low: np.ndarray, count: np.ndarray,
+           first: int, stop: int, step: int) -> np.ndarray:
+    """``out[r] = min(dist[inv_s[r], order[:count[r]]])`` (``UNREACHABLE`` for none; an empty ``order``:
+    the columns in their order), rows visited in ``range(first, stop, step)``, an order in which ``count``
+    never decreases. One running minimum per source string, advanced only as far as each row needs, in
+    chunks (vectorised), and no further once it reaches ``low``, the string's minimum over the whole row."""
+    best = np.full(dist.shape[0], _I32_MAX, np.int32)
     done = np.zeros(dist.shape[0], np.int64)  # how far each source string's minimum has advanced
     out = np.empty(len(inv_s), np.int64)
+    identity = len(order) == 0
+    chunk = 64 if identity else 16
     for r in range(first, stop, step):
-        u, k, low = inv_s[r], done[inv_s[r]], best[inv_s[r]]
-        while k < count[r] and low > 0:
-            low = min(low, dist[u, order[k]])
-            k += 1
-        done[u], best[u] = k, low
-        out[r] = low if count[r] > 0 else UNREACHABLE
+        u, c = inv_s[_u(r)], count[_u(r)]
+        k, m, floor = done[_u(u)], best[_u(u)], low[_u(u)]
+        if k < c and m > floor:
+            row = dist[u]
+            while k < c and m > floor:
+                e = min(c, k + chunk)
+                m = _row_min(row, k, e, m) if identity else _row_min_at(row, order, k, e, m)
+                k = e
+            done[_u(u)], best[_u(u)] = k, m
+        out[_u(r)] = m if c > 0 else UNREACHABLE
     return out
 
 
@@ -113,127 +144,173 @@ def band_is_connected(lo: np.ndarray, width: int, n_t: int) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
-def _d_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray, start: int,
-             stop: int, d: int) -> int:
+def _d_cells(dist: np.ndarray, t0: int, inv_t: np.ndarray, c0: int, d_buf: np.ndarray, prev: int, cur: int,
+             start: int, stop: int, d: int) -> int:
     """D over band cells ``start .. stop-1`` of a row, ``d`` the cell left of ``start``; returns the last.
 
-    Rows are padded: index 0 is the cell left of the band, 1..width the band, then the cells right of
-    it (unreachable for D). ``tab``: this row's edit distances, ``cols``: the band's target strings,
-    ``shift``: how far the band starts right of the previous row's."""
+    Flat arrays and offsets, so that a row costs no array views: the row's edit distances are
+    ``dist[t0:]`` (``dist`` raveled), its band's target strings ``inv_t[c0:]``, and D rows live in
+    ``d_buf``, padded: ``d_buf[cur]`` is the cell left of the band, ``d_buf[cur + 1 + k]`` band cell k,
+    then the cells right of it (unreachable for D); ``prev`` is the previous row's offset plus how far the
+    band moved right. Indices are cast to unsigned: they are never negative, and numba then drops its
+    negative-index wraparound from every load."""
+    diag = d_buf[_u(prev + start)]
     for k in range(start, stop):
-        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + tab[cols[k]]
-        d_row[k + 1] = d
+        up = d_buf[_u(prev + k + 1)]
+        d = min(min(diag, up), d) + dist[_u(t0 + inv_t[_u(c0 + k)])]
+        d_buf[_u(cur + k + 1)] = d
+        diag = up
     return d
 
 
 @numba.njit(cache=True, nogil=True)
-def _l_at(l_row: np.ndarray, i: int, live: tuple[int, int]) -> int:
-    """L at padded index ``i`` of a row whose live cells lie in band cells ``[0, live[0])`` and
-    ``[live[1], width)`` (and the pads); the cells in between hold stale values and count as none."""
-    value = l_row[i]  # loaded either way, so that the choice compiles to a select, not a branch
-    return value if (i <= live[0]) | (i > live[1]) else UNREACHABLE
+def _first_row(dist: np.ndarray, t0: int, inv_t: np.ndarray, width: int, d_buf: np.ndarray,
+               acc: np.ndarray) -> None:
+    """Row 0 of D: entered from the left only."""
+    d = 0
+    for k in range(width):
+        d += dist[_u(t0 + inv_t[_u(k)])]
+        d_buf[_u(k + 1)] = d
+        acc[0, _u(k)] = d
 
 
 @numba.njit(cache=True, nogil=True)
-def _dl_cells(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
-              l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], k: int, stop: int, d: int,
-              cost: int) -> tuple[int, int, int, int, int]:
-    """D and L from band cell ``k`` to ``stop``, then on while L is live, in one loop (two independent
-    chains); ``live``: the previous row's. L is pruned to ``UNREACHABLE`` where L > D: a band path reaches
-    the cell cheaper, so nothing that leaves the band through it can beat or tie the band's best path
-    without leaving again (which the band path's own L covers). Returns ``(k, d, cost, first, last)``:
-    the next cell, D and L of the last one, the first and last live cell (``last < 0``: none).
-    """
-    first, last = len(cols), -1
-    while k < len(cols) and (k < stop or cost < UNREACHABLE):
-        c = tab[cols[k]]
-        d = min(min(d_prev[k + shift], d_prev[k + shift + 1]), d) + c
-        d_row[k + 1] = d
-        cost = min(min(_l_at(l_prev, k + shift, live), _l_at(l_prev, k + shift + 1, live)), cost) + c
-        cost = cost if cost <= d else UNREACHABLE
-        l_row[k + 1] = cost
-        alive = cost < UNREACHABLE
-        first, last = min(first, k) if alive else first, k if alive else last
-        k += 1
-    return k, d, cost, first, last
-
-
-@numba.njit(cache=True, nogil=True)
-def _dl_row(tab: np.ndarray, cols: np.ndarray, shift: int, d_prev: np.ndarray, d_row: np.ndarray,
-            l_prev: np.ndarray, l_row: np.ndarray, live: tuple[int, int], l_first: int) -> tuple[int, int]:
-    """One band row of D and of L (the cheapest path to the cell that left the band before). L is live
-    near the band's edges only: it is computed from the left edge (entered from the left, or below the
-    previous row's live cells) and from the right (below live cells, or entered from the right of the
-    previous band), D alone in between. Returns the row's ``live`` interval bounds (see :func:`_l_at`).
-    """
-    width = len(cols)
-    l_row[0] = l_first
-    left_seed = 1 if l_first < UNREACHABLE or l_prev[0] < UNREACHABLE else 0
-    stop = max(left_seed, live[0] - shift + 1 if live[0] > 0 else 0)
-    k, d, cost, _, last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, 0, stop, UNREACHABLE,
-                                    l_first)
-    right_seed = width - shift if l_prev[width + 1] < UNREACHABLE else width
-    start = max(k, min(live[1] - shift if live[1] < width else width, right_seed))
-    d = _d_cells(tab, cols, shift, d_prev, d_row, k, start, d)
-    cost = cost if start == k else UNREACHABLE
-    _, _, _, first, right_last = _dl_cells(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, start, width,
-                                           d, cost)
-    return last + 1, (first if right_last >= 0 else width)
-
-
-@numba.njit(cache=True, nogil=True)
-def _left_state(d_prev: np.ndarray, l_prev: np.ndarray, live: tuple[int, int], shift: int, floor: int,
-                state: int) -> int:
-    """Lower bound on the full DTW over the row's cells left of the band (``UNREACHABLE``: none), from
-    the previous row's ``state``: the row's floor there plus the cheapest way in, from the row above (the
-    leftmost cheapest such cell is not entered from its left neighbour)."""
-    if floor == UNREACHABLE:
-        return UNREACHABLE
-    best = state
-    for i in range(1, shift + 1):  # the previous band's cells that lie left of this one
-        best = min(best, d_prev[i], _l_at(l_prev, i, live))
-    return floor + best
-
-
-@numba.njit(cache=True, nogil=True)
-def _right_state(d_prev: np.ndarray, d_row: np.ndarray, l_prev: np.ndarray, l_row: np.ndarray,
-                 live: tuple[int, int], row_live: tuple[int, int], shift: int, floor: int, state: int) -> int:
-    """The same right of the band: entered from the band's last cell, from the cell above it, or from
-    the previous row's cells right of the band (``state``)."""
-    if floor == UNREACHABLE:
-        return UNREACHABLE
-    width = (len(d_row) - 1) // 2
-    up = min(d_prev[width + shift], _l_at(l_prev, width + shift, live))
-    return floor + min(min(d_row[width], _l_at(l_row, width, row_live)), up, state)
-
-
-@numba.njit(cache=True, nogil=True)
-def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
-               left: np.ndarray, right: np.ndarray, certify: bool) -> tuple[np.ndarray, int]:
-    """D in the band ``(n_s, width) int64`` and, with ``certify``, L at the last cell (else
-    ``UNREACHABLE``)."""
-    n = len(lo)
+def _band_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int) -> np.ndarray:
+    """D in the band, ``(n_s, width) int64``: the unchecked pass."""
+    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1
+    flat = dist.reshape(-1)
     acc = np.empty((n, width), np.int64)
-    d_prev, d_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    l_prev, l_row = np.full(2 * width + 1, UNREACHABLE, np.int64), np.full(2 * width + 1, UNREACHABLE, np.int64)
-    d_prev[1:width + 1] = np.cumsum(dist[inv_s[0]][inv_t[:width]])  # row 0: entered from the left only
-    acc[0] = d_prev[1:width + 1]
-    live = (0, width)  # row 0: no live L
-    states = (UNREACHABLE, right[0] + acc[0, width - 1] if right[0] < UNREACHABLE else UNREACHABLE)
+    d_buf = np.full(2 * stride, UNREACHABLE, np.int64)  # two padded rows, alternating
+    _first_row(flat, inv_s[0] * n_u, inv_t, width, d_buf, acc)
     for r in range(1, n):
-        shift, tab, cols = lo[r] - lo[r - 1], dist[inv_s[r]], inv_t[lo[r]:lo[r] + width]
-        if certify:
-            l_prev[width + 1:width + shift + 1] = states[1]  # right of the previous band
-            l_first = _left_state(d_prev, l_prev, live, shift, left[r], states[0])
-            row_live = _dl_row(tab, cols, shift, d_prev, d_row, l_prev, l_row, live, l_first)
-            states = (l_first, _right_state(d_prev, d_row, l_prev, l_row, live, row_live, shift, right[r],
-                                            states[1]))
-            live = row_live
+        cur = (r & 1) * stride
+        prev = stride - cur + lo[r] - lo[r - 1]
+        _d_cells(flat, inv_s[r] * n_u, inv_t, lo[r], d_buf, prev, cur, 0, width, UNREACHABLE)
+        for k in range(width):
+            acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
+    return acc
+
+
+_PAD = 4  # cells written past a row's left stretch (dead) and past the band (the right state) every row
+
+
+@numba.njit(cache=True, nogil=True)
+def _certified_pass(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
+                    left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int]:
+    """D in the band, as :func:`_band_pass`, and L at the last cell, in one pass (see :func:`banded_dtw`).
+
+    L rows are padded like D's (``l_buf``, the same offsets): index 0 holds the row's left state (cells
+    left of the band, lumped), the pad right of the band the previous row's right state. A row's L is
+    computed on two stretches, D alone in between:
+
+    - from the left edge: over the cells with a possibly live cell above (``a``: one past the previous
+      row's last live cell there) and at least the first ``win`` cells, then on along the row while L
+      stays live;
+    - to the right edge: from below the previous row's first live cell there (``b``), or where the right
+      state enters, and at least the last ``win`` cells.
+
+    The fixed ``win`` gives most rows the same three loop lengths (branches the processor predicts; the
+    cells it adds hold dead L). Cells in between hold stale values, which no read reaches: the left
+    stretch writes ``_PAD`` dead cells past its end and reads at most that far past the previous row's
+    when the band moved right by at most ``_PAD`` (other rows go by ``a`` alone), and the right stretch
+    writes a dead cell before its start, where the next row's right stretch reads from at the earliest.
+    """
+    n, n_u, stride = len(lo), dist.shape[1], 2 * width + 1 + _PAD
+    flat = dist.reshape(-1)
+    acc = np.empty((n, width), np.int64)
+    d_buf = np.full(2 * stride, UNREACHABLE, np.int64)
+    l_buf = np.full(2 * stride, UNREACHABLE, np.int64)
+    _first_row(flat, inv_s[0] * n_u, inv_t, width, d_buf, acc)
+    win = min(max(8, width // 8), width)
+    a, b = 0, width  # row 0: no live L
+    sl = UNREACHABLE  # row 0 has no cells left of the band
+    sr = right[0] + d_buf[width] if right[0] < UNREACHABLE else UNREACHABLE
+    for r in range(1, n):
+        s = lo[r] - lo[r - 1]
+        cur = (r & 1) * stride
+        base = stride - cur  # the previous row's offset
+        prev = base + s
+        t0, c0 = inv_s[r] * n_u, lo[r]
+        for i in range(_PAD):  # the previous row's cells right of its band (those past s are never read)
+            l_buf[_u(base + width + 1 + i)] = sr
+        for i in range(_PAD, s):
+            l_buf[_u(base + width + 1 + i)] = sr
+        # The left state: the row's floor there plus the cheapest way in from the row above (the cells
+        # of the previous band left of this one, D or live L, or the previous row's left state).
+        sl_prev, best = sl, sl
+        for i in range(min(_PAD, width)):  # band cells of the previous row left of this band: i < s
+            inside = i < s
+            dv, lv = d_buf[_u(base + i + 1)], l_buf[_u(base + i + 1)]
+            live = inside & ((i < a) | (i >= b))
+            best = min(best, min(dv if inside else UNREACHABLE, lv if live else UNREACHABLE))
+        for i in range(_PAD, min(s, width)):
+            lv = l_buf[_u(base + i + 1)]
+            best = min(best, min(d_buf[_u(base + i + 1)], lv if (i < a) | (i >= b) else UNREACHABLE))
+        sl = left[r] + best if left[r] < UNREACHABLE else UNREACHABLE
+        l_buf[_u(cur)] = sl
+        # Where the right stretch starts: below the previous row's live right stretch, or where the right
+        # state enters (the previous row's cells right of its band lie above this row's last s cells).
+        rstart = b - s if b < width else width
+        rstart = min(rstart, width - s if (s > 0) & (sr < UNREACHABLE) else width)
+        rstart = max(rstart, 0)
+        # Left stretch: cells with a possibly live cell above (diagonal or up), and the window.
+        e1 = max(a - s + 1, 0) if a > 0 else 0
+        e1 = min(max(e1, win) if s <= _PAD else e1, rstart)
+        d, cost, last = UNREACHABLE, sl, -1
+        d_diag, l_diag = d_buf[_u(prev)], l_buf[_u(prev)]
+        for k in range(e1):
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d_up, l_up = d_buf[_u(prev + k + 1)], l_buf[_u(prev + k + 1)]
+            d = min(min(d_diag, d_up), d) + c
+            d_buf[_u(cur + k + 1)] = d
+            cost = min(min(l_diag, l_up), cost) + c
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)  # pruned where L > D
+            last = k if cost <= d else last
+            d_diag, l_diag = d_up, l_up
+        # Then on along the row while L is live (nothing live above; the first cell's diagonal is the
+        # previous row's left state when the band did not move).
+        k = e1
+        if k == 0 and s == 0:
+            cost = min(cost, sl_prev)
+        while k < rstart and cost <= d and cost < UNREACHABLE:
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d = min(min(d_buf[_u(prev + k)], d_buf[_u(prev + k + 1)]), d) + c
+            d_buf[_u(cur + k + 1)] = d
+            cost = cost + c
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)
+            last = k if cost <= d else last
+            k += 1
+        k_l = k
+        for i in range(_PAD):
+            l_buf[_u(cur + k_l + 1 + i)] = UNREACHABLE
+        # D alone up to the right stretch, then D and L to the right edge (L carried on if contiguous).
+        k_r = max(min(rstart, width - win), k_l)
+        if k_r > k_l:
+            d = _d_cells(flat, t0, inv_t, c0, d_buf, prev, cur, k_l, k_r, d)
+            cost = UNREACHABLE  # the cells in between are dead
+            l_buf[_u(cur + k_r)] = UNREACHABLE  # band cell k_r - 1: the next row's right stretch reads it
+        first = width
+        d_diag, l_diag = d_buf[_u(prev + k_r)], l_buf[_u(prev + k_r)]
+        for k in range(k_r, width):
+            c = flat[_u(t0 + inv_t[_u(c0 + k)])]
+            d_up, l_up = d_buf[_u(prev + k + 1)], l_buf[_u(prev + k + 1)]
+            d = min(min(d_diag, d_up), d) + c
+            d_buf[_u(cur + k + 1)] = d
+            cost = min(min(l_diag, l_up), cost) + c
+            l_buf[_u(cur + k + 1)] = cost | ((d - cost) >> 63 & UNREACHABLE)
+            first = min(first, k if cost <= d else width)
+            d_diag, l_diag = d_up, l_up
+        # The right state: entered from this row's last cell, from the cell above it, or from the
+        # previous row's cells right of the band.
+        if right[r] < UNREACHABLE:
+            up = min(d_buf[_u(prev + width)], l_buf[_u(prev + width)])
+            sr = right[r] + min(min(d_buf[_u(cur + width)], l_buf[_u(cur + width)]), min(up, sr))
         else:
-            _d_cells(tab, cols, shift, d_prev, d_row, 0, width, UNREACHABLE)
-        acc[r] = d_row[1:width + 1]
-        d_prev, d_row, l_prev, l_row = d_row, d_prev, l_row, l_prev
-    return acc, _l_at(l_prev, width, live) if certify else UNREACHABLE
+            sr = UNREACHABLE
+        for k in range(width):
+            acc[r, _u(k)] = d_buf[_u(cur + k + 1)]
+        a, b = last + 1, first
+    return acc, min(l_buf[_u((n - 1 & 1) * stride + width)], UNREACHABLE)
 
 
 def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.ndarray, width: int,
@@ -249,9 +326,8 @@ def banded_dtw(dist: np.ndarray, inv_s: np.ndarray, inv_t: np.ndarray, lo: np.nd
     the last cell (``UNREACHABLE`` once pruned).
     """
     if floors is None:
-        none = np.zeros(len(lo), np.int64)
-        return _band_pass(dist, inv_s, inv_t, lo, width, none, none, False)
-    return _band_pass(dist, inv_s, inv_t, lo, width, floors[0], floors[1], True)
+        return _band_pass(dist, inv_s, inv_t, lo, width), UNREACHABLE
+    return _certified_pass(dist, inv_s, inv_t, lo, width, floors[0], floors[1])
 
 
 @numba.njit(cache=True, nogil=True)
