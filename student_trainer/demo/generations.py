@@ -57,7 +57,7 @@ def continue_prompts(model, tokenizer, prompts: Prompts, cfg: OnPolicyConfig) ->
     new = sample(model, [b.ids[:p] for b, p in zip(prompts.blocks, prompts.lengths, strict=True)], cfg,
                  seed=EVAL_SEED, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                  suppress=text.padded_rows, synced=False)
-    return [ids[:text.kept(ids)] for ids in new]
+    return [s.ids[:text.kept(s.ids)] for s in new]
 
 
 def scored_texts(prompts: Prompts, continuations: Sequence[np.ndarray], text: TokenText) -> tuple[list[str], list[int]]:
