@@ -55,11 +55,13 @@ fi
 # start-up, gRPC), so a second worker uses the idle core. Tests of one file stay on one worker (its fixtures
 # are built once). Extra arguments come last and win (e.g. -n 0 or -p no:xdist to debug in one process).
 WORKERS="${LIVEFUSE_TEST_WORKERS:-2}"
-echo "[test] pytest ($WORKERS workers)"
+echo "[test] pytest ($WORKERS workers; the 20 slowest tests are listed at the end)"
 set +e
-python -m pytest -n "$WORKERS" --dist loadfile "$@"
+started=$SECONDS
+python -m pytest -n "$WORKERS" --dist loadfile --durations=20 "$@"
 rc=$?
 set -e
+echo "[test] pytest: $((SECONDS - started)) s (targets: the full suite under 600 s, -m \"not slow\" under 180 s)"
 if [ "$rc" -eq 5 ]; then
   echo "[test] pytest collected no tests: failing" >&2
   exit 1
