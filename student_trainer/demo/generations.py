@@ -1,9 +1,10 @@
 """What each trained model generates, judged by the live teachers: the demo's measure of on-policy fusion.
 
 Prompts are the first half of held-out blocks of each domain (the trainer's rollout prompts are cut the same
-way, ``rollouts.prompt_length``); each model continues them by seeded sampling at temperature 1 (the
-student's own distribution, as in the trainer's rollouts; the same seed for every model, so the comparison is
-paired); every teacher scores prompt + continuation in its own tokens. Per domain: the teachers' NLL of the
+way, ``rollouts.prompt_length``); each model continues them by seeded sampling at the demo's
+``--gen-temperature`` (0.7 by default; the same seed for every model, so the comparison is paired); every source
+given as a judge (the demo passes the sources, not the target's initial model) scores prompt + continuation in
+its own tokens. Per domain: the teachers' NLL of the
 continuations per character fused by MinCE's rule (``generation_metrics.min_ce_sums``), the domain expert's
 alone, distinct-2, the repeated 4-gram rate and the continuations' mean length. The held-out text's own
 continuations give the same numbers as a reference.
