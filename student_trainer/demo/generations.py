@@ -52,9 +52,14 @@ def heldout_prompts(texts: list[str], tokenizer, seq_len: int, n_blocks: int, cf
     return Prompts(blocks, [prompt_length(b, cfg) for b in blocks])
 
 
-def continue_prompts(model, tokenizer, prompts: Prompts, cfg: OnPolicyConfig) -> list[np.ndarray]:
-    """The model's continuation ids of every prompt (seeded, :data:`EVAL_SEED`), up to its first special token."""
-    text = TokenText(raw_vocab(tokenizer, model.get_output_embeddings().weight.shape[0]), tokenizer.all_special_ids)
+def model_text(tokenizer, model) -> TokenText:
+    """The text of ``model``'s output ids (its output layer may have more rows than ``tokenizer`` has tokens)."""
+    return TokenText(raw_vocab(tokenizer, model.get_output_embeddings().weight.shape[0]), tokenizer.all_special_ids)
+
+
+def continue_prompts(model, tokenizer, prompts: Prompts, cfg: OnPolicyConfig, text: TokenText) -> list[np.ndarray]:
+    """The model's continuation ids of every prompt (seeded, :data:`EVAL_SEED`), up to its first id without text
+    (``text``: :func:`model_text`)."""
     new = sample(model, [b.ids[:p] for b, p in zip(prompts.blocks, prompts.lengths, strict=True)], cfg,
                  seed=EVAL_SEED, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                  suppress=text.padded_rows, synced=False)
@@ -68,7 +73,7 @@ def scored_texts(prompts: Prompts, continuations: Sequence[np.ndarray], text: To
     return [b.text for b in built], [int(b.offsets[p - 1, 1]) for b, p in zip(built, prompts.lengths, strict=True)]
 
 
-def teacher_sums(address: str, texts: list[str], starts: list[int]) -> list[tuple[float, float]]:
+def continuation_nll(address: str, texts: list[str], starts: list[int]) -> list[tuple[float, float]]:
     """One teacher's (NLL, characters) of each continuation, in its own tokens."""
     with TeacherClient(address, timeout=300) as client:
         scores = client.score(texts, top_k=1, truncate=True)
@@ -80,7 +85,7 @@ def generation_scores(continuations: Sequence[np.ndarray], prompts: Prompts, tex
     """The continuations' scores: ``gen_nats_per_char`` (MinCE-fused teachers), ``gen_expert_nats_per_char``
     (the domain's expert source; NaN without one), ``distinct2``, ``rep4`` and ``gen_tokens`` (mean length)."""
     texts, starts = scored_texts(prompts, continuations, text)
-    per_source = {name: teacher_sums(address, texts, starts) for name, address in teachers.items()}
+    per_source = {name: continuation_nll(address, texts, starts) for name, address in teachers.items()}
     nll, chars, _ = min_ce_sums(per_source)
     own = per_source.get(expert or "")
     seqs = [c.tolist() for c in continuations]
@@ -92,17 +97,18 @@ def generation_scores(continuations: Sequence[np.ndarray], prompts: Prompts, tex
 
 
 def judge_model(folder: Path | None, prompts: Mapping[str, Prompts], teachers: Mapping[str, str],
-                cfg: OnPolicyConfig, tokenizer_folder: Path) -> dict[str, float]:
-    """``<domain>_<score>`` of one model's continuations (``folder``; None: the held-out text's own)."""
+                cfg: OnPolicyConfig, tokenizer) -> dict[str, float]:
+    """``<domain>_<score>`` of one model's continuations (``folder``; None: the held-out text's own), the target's
+    ``tokenizer`` shared by every model."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_target_tokenizer(str(folder or tokenizer_folder))  # the trainer's: EOS pads
     model = AutoModelForCausalLM.from_pretrained(folder) if folder is not None else None
-    size = model.get_output_embeddings().weight.shape[0] if model is not None else len(tokenizer)
-    text = TokenText(raw_vocab(tokenizer, size), tokenizer.all_special_ids)
+    text = model_text(tokenizer, model) if model is not None else TokenText(raw_vocab(tokenizer, len(tokenizer)),
+                                                                            tokenizer.all_special_ids)
     row = {}
     for domain, p in prompts.items():
-        conts = continue_prompts(model, tokenizer, p, cfg) if model is not None else p.reference(cfg.max_new_tokens)
+        conts = continue_prompts(model, tokenizer, p, cfg, text) if model is not None \
+            else p.reference(cfg.max_new_tokens)
         expert = domain if domain in teachers else None
         row.update({f"{domain}_{k}": v for k, v in generation_scores(conts, p, text, teachers, expert).items()})
     return row
@@ -113,9 +119,9 @@ def judge_all(runs: Path, modes: Sequence[str], seeds: Sequence[int], initial: P
               ) -> tuple[Scores, dict[str, float], dict[str, float]]:
     """Every run's exported model (``runs/<mode>/seed-<s>/final``), the target's initial model and the held-out
     text itself on the same prompts: (scores per mode and seed, the initial model's, the reference's)."""
-    tokenizer = load_target_tokenizer(str(initial))
+    tokenizer = load_target_tokenizer(str(initial))  # the trainer's (EOS pads); every run exports the same one
     prompts = {d: heldout_prompts(t, tokenizer, seq_len, n_prompts, cfg) for d, t in texts.items()}
-    scores: Scores = {m: {s: judge_model(run_dir(runs, m, s) / "final", prompts, teachers, cfg, initial)
+    scores: Scores = {m: {s: judge_model(run_dir(runs, m, s) / "final", prompts, teachers, cfg, tokenizer)
                           for s in seeds} for m in modes}
-    return scores, judge_model(initial, prompts, teachers, cfg, initial), judge_model(None, prompts, teachers, cfg,
-                                                                                       initial)
+    return scores, judge_model(initial, prompts, teachers, cfg, tokenizer), judge_model(None, prompts, teachers, cfg,
+                                                                                         tokenizer)

@@ -12,21 +12,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from student_trainer.core.fusion import predicted_chars
+
 
 def continuation_sums(next_logprobs: np.ndarray, offsets: np.ndarray, start: int) -> tuple[float, float]:
     """(summed NLL, characters) of a teacher's tokens that end after character ``start`` (the prompt's end).
 
     ``next_logprobs (n-1,)``: log-prob of token j+1 after tokens 0..j; ``offsets (n, 2)``: [start, end) of each
     token in the scored text. A token that straddles the boundary counts whole, and so do the characters it
-    covers (NLL per character covered, as ``core.fusion.predicted_chars``); token 0 is never predicted.
+    covers (NLL per character covered: ``core.fusion.predicted_chars``); token 0 is never predicted.
     """
     ends = np.asarray(offsets, np.int64)[1:, 1]  # the predicted tokens 1..n-1
     keep = ends > start
     if not keep.any():
         return 0.0, 0.0
-    first = int(np.argmax(keep)) + 1  # the first counted token
-    chars = int(offsets[-1, 1]) - int(offsets[first, 0])
-    return -float(np.sum(np.asarray(next_logprobs, np.float64)[keep])), float(chars)
+    first = int(np.argmax(keep)) + 1  # the first counted token: the tokens from the one before it predict
+    return -float(np.sum(np.asarray(next_logprobs, np.float64)[keep])), float(predicted_chars(offsets[first - 1:]))
 
 
 def min_ce_sums(per_source: Mapping[str, Sequence[tuple[float, float]]]) -> tuple[float, float, dict[str, int]]:

@@ -141,6 +141,19 @@ def serve(tiny_model_dirs, loaded, name: str, **overrides):
     return server, TeacherClient(f"127.0.0.1:{server.port}", timeout=60)
 
 
+def gather_every_end(tiny_model_dirs, loaded, name: str, seed: int, per_end: int, **limits):
+    """TEXT scored with truncation by a teacher with ``limits``, gathering ``per_end`` seeded random ids at every
+    character end 0..len(TEXT): (the answer, the ends, the ids)."""
+    server, client = serve(tiny_model_dirs, loaded, name, **limits)
+    try:
+        ends = np.arange(len(TEXT) + 1)
+        ids = random_ids(np.random.default_rng(seed), len(ends), per_end, client.info().vocab_size)
+        return client.score([TEXT], top_k=2, truncate=True, logprob_format=F32, gather=[(ends, ids)])[0], ends, ids
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_truncation_between_the_byte_fragments_of_a_character_gives_minus_inf_there(tiny_model_dirs, loaded):
     """llama-spm spells 😀 as four byte tokens sharing its span: cut after the second, the kept tokens end at
     the emoji's end but have not read it, so that end is -inf like every end past the cut."""
@@ -150,14 +163,7 @@ def test_truncation_between_the_byte_fragments_of_a_character_gives_minus_inf_th
     fragments = [j for j, (s, e) in enumerate(offsets.tolist()) if (s, e) == (emoji, emoji + 1)]
     assert len(fragments) == 4
     keep = fragments[1] + 1
-    server, client = serve(tiny_model_dirs, loaded, "llama", max_tokens_per_text=keep)
-    try:
-        ends = np.arange(len(TEXT) + 1)
-        ids = random_ids(np.random.default_rng(3), len(ends), 4, client.info().vocab_size)
-        got = client.score([TEXT], top_k=2, truncate=True, logprob_format=F32, gather=[(ends, ids)])[0]
-    finally:
-        client.close()
-        server.stop()
+    got, ends, ids = gather_every_end(tiny_model_dirs, loaded, "llama", 3, 4, max_tokens_per_text=keep)
     assert got.truncated and len(got.input_ids) == keep and got.offsets[-1, 1] == emoji + 1
     logp = direct_logprobs(tiny_model_dirs["llama"], got.input_ids)
     np.testing.assert_allclose(got.gathered_logprobs, expected(logp, offsets, ends, ids, kept=keep), atol=2e-5)
@@ -169,14 +175,7 @@ def test_ends_past_a_character_cut_are_minus_inf_and_up_to_the_whole_text_are_ac
     """truncate with max_chars_per_text: the text is cut before tokenizing; ends up to the length of the text
     as sent are valid, those past the cut get -inf, the others are positions of the cut text."""
     cut = 20
-    server, client = serve(tiny_model_dirs, loaded, "gpt2", max_chars_per_text=cut)
-    try:
-        ends = np.arange(len(TEXT) + 1)
-        ids = random_ids(np.random.default_rng(4), len(ends), 3, client.info().vocab_size)
-        got = client.score([TEXT], top_k=2, truncate=True, logprob_format=F32, gather=[(ends, ids)])[0]
-    finally:
-        client.close()
-        server.stop()
+    got, ends, ids = gather_every_end(tiny_model_dirs, loaded, "gpt2", 4, 3, max_chars_per_text=cut)
     assert got.truncated and got.offsets[:, 1].max() <= cut
     logp = direct_logprobs(tiny_model_dirs["gpt2"], got.input_ids)
     np.testing.assert_allclose(got.gathered_logprobs, expected(logp, got.offsets, ends, ids), atol=2e-5)

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODES = ("clm_only", "min_ce", "avg_ce")  # the demo's default modes, clm_only (the baseline) first
 ON_POLICY = "on_policy_min_ce"  # run beside them: rollouts, paired against min_ce too
 QUICK_DEMO_S = 1000  # a cold cache on a quiet 2-core machine: assets (tiny models pretrained) + 4 short runs
-GEN = {f"{d}_{k}" for d in ("code", "prose") for k in GEN_KEYS}
+GEN = {f"{d}_{k}" for d in DOMAINS for k in GEN_KEYS}
 
 
 TAG = "LIVEFUSE_TEST_DEMO"  # set for the demo under test; its children inherit it, others' processes do not

@@ -67,14 +67,14 @@ def test_no_expert_no_expert_score(target, served):
 
 
 def test_continuations_are_seeded_and_the_training_rng_is_untouched(target):
-    tokenizer, model, _, prompts = _setup(target)
+    tokenizer, model, text, prompts = _setup(target)
     torch.manual_seed(0)
     state = torch.random.get_rng_state()
-    first = continue_prompts(model, tokenizer, prompts, CFG)
+    first = continue_prompts(model, tokenizer, prompts, CFG, text)
     assert torch.equal(torch.random.get_rng_state(), state)
-    again = continue_prompts(model, tokenizer, prompts, CFG)
+    again = continue_prompts(model, tokenizer, prompts, CFG, text)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert all(1 <= len(c) <= 16 for c in first) and len(first) == 6
     greedy = continue_prompts(model, tokenizer, prompts, OnPolicyConfig(prompt_fraction=0.5, max_new_tokens=16,
-                                                                         temperature=0.0))
+                                                                         temperature=0.0), text)
     assert any(not np.array_equal(a, b) for a, b in zip(first, greedy, strict=True))  # sampled, not greedy
