@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_overhead import ROOT, _cpus, teachers_running, trainer_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-SPLIT = ("generate_seconds", "teacher_wait_seconds", "fuse_wait_seconds", "train_seconds")
+from student_trainer.trainer.stats import TIME_SPLIT, time_split  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,16 +66,14 @@ def run_phase(run, rollouts, args: argparse.Namespace) -> dict[str, float]:
     fusing, gas = run.sources, run.engine.gradient_accumulation_steps()
     pf = Prefetcher(run.sampler.batch, fusing, run.config.method, 0, args.depth,
                     rollouts.is_rollout if rollouts else None)
-    sums = dict.fromkeys(("step", "tokens", *SPLIT), 0.0)
+    sums = dict.fromkeys(("step", "tokens", *TIME_SPLIT), 0.0)
     for i in range(args.warmup + args.steps):
-        t0, wait0, fuse0 = time.perf_counter(), pf.wait_seconds, pf.fuse_wait_seconds
+        t0 = time.perf_counter()
         record = train_step(run, pf, None, rollouts, i * gas)
         if i >= args.warmup:
-            record.teacher_wait_seconds += pf.wait_seconds - wait0
-            record.fuse_wait_seconds += pf.fuse_wait_seconds - fuse0
             sums["step"] += time.perf_counter() - t0
             sums["tokens"] += record.tokens
-            for key in SPLIT:
+            for key in TIME_SPLIT:
                 sums[key] += getattr(record, key)
     pf._workers.shutdown(wait=True, cancel_futures=True)  # drain: close() alone leaves running jobs behind
     pf.close()
@@ -84,11 +82,8 @@ def run_phase(run, rollouts, args: argparse.Namespace) -> dict[str, float]:
 
 def _split(r: dict[str, float]) -> str:
     step = r["step"]
-    teachers = r["teacher_wait_seconds"] - r["fuse_wait_seconds"]
     other = step - r["generate_seconds"] - r["teacher_wait_seconds"] - r["train_seconds"]
-    return (f"generate {100 * r['generate_seconds'] / step:.1f}%, wait for teachers {100 * teachers / step:.1f}%, "
-            f"align and fuse {100 * r['fuse_wait_seconds'] / step:.1f}%, train {100 * r['train_seconds'] / step:.1f}%, "
-            f"other {100 * other / step:.1f}%")
+    return f"{time_split(r, step)}, other {100 * other / step:.1f}%"
 
 
 def compare(run, rollouts, args: argparse.Namespace) -> None:

@@ -298,7 +298,7 @@ def memory_child(spec: str, args: argparse.Namespace) -> None:
         prepared = pickle.loads(Path(batch_file).read_bytes())
         method = SimpleNamespace(method=MethodConfig(lambda_clm=0.9 if mode == "fusion" else 1.0))
         run = SimpleNamespace(engine=engine, world=1, config=method)
-        prefetcher = SimpleNamespace(get=lambda *_stop: prepared)
+        prefetcher = SimpleNamespace(get=lambda *_stop: prepared, wait_seconds=0.0, fuse_wait_seconds=0.0)
         train_step(run, prefetcher)  # warm-up: creates the optimizer state
         with record_function("measured_step"):
             train_step(run, prefetcher)

@@ -134,7 +134,9 @@ def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None, r
     t0 = time.perf_counter()
     pending = [rollouts.start(m) for m in range(first, first + gas) if rollouts and rollouts.is_rollout(m)]
     generate_seconds = time.perf_counter() - t0 if pending else 0.0
+    wait0, fuse0 = prefetcher.wait_seconds, prefetcher.fuse_wait_seconds
     corpus, failure = _fetch_corpus(prefetcher, gas - len(pending), stop)
+    corpus_wait, corpus_fuse_wait = prefetcher.wait_seconds - wait0, prefetcher.fuse_wait_seconds - fuse0
     tokens = _agree(run, float(sum(p.loss_mask.sum() for p in corpus) + sum(r.positions for r in pending)),
                     stop, failure)
     num_tokens = max(tokens, 1.0) / (gas * world)  # DeepSpeed divides by gas and averages over ranks
@@ -152,8 +154,9 @@ def train_step(run: Run, prefetcher: Prefetcher, stop: StopFlag | None = None, r
     loss, clm, fuse, on_policy = (totals / (gas * world)).tolist()  # = sums over the step / global token count
     window = corpus + scored
     return StepRecord(0, loss, clm, fuse, tokens, fusion=FusionStats.total([p.stats for p in window]),
-                      on_policy_loss=on_policy, generate_seconds=generate_seconds, teacher_wait_seconds=wait,
-                      fuse_wait_seconds=fuse_wait, train_seconds=train_seconds,
+                      on_policy_loss=on_policy, generate_seconds=generate_seconds,
+                      teacher_wait_seconds=corpus_wait + wait, fuse_wait_seconds=corpus_fuse_wait + fuse_wait,
+                      train_seconds=train_seconds,
                       rollouts=sum((p.rollout for p in scored if p.rollout is not None), RolloutStats()))
 
 
@@ -163,14 +166,10 @@ def _run_steps(run: Run, prefetcher: Prefetcher, at: RunPosition, stop: StopFlag
     cfg, ckpt_dir = run.config.run, Path(run.config.run.output_dir) / "checkpoints"
     gas = run.engine.gradient_accumulation_steps()
     while at.step < run.max_steps:
-        t0 = time.perf_counter()
-        wait0, fuse0 = prefetcher.wait_seconds, prefetcher.fuse_wait_seconds
-        lr = run.engine.get_lr()[0]  # the lr this step uses
+        t0, lr = time.perf_counter(), run.engine.get_lr()[0]  # the lr this step uses
         record = train_step(run, prefetcher, stop, rollouts, at.micro_index)
         at.step, at.micro_index = at.step + 1, at.micro_index + gas
         record.step, record.lr, record.step_seconds = at.step, lr, time.perf_counter() - t0
-        record.teacher_wait_seconds += prefetcher.wait_seconds - wait0  # the prefetched corpus micro-batches
-        record.fuse_wait_seconds += prefetcher.fuse_wait_seconds - fuse0
         run.logger.step(record)
         if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
             checkpoint.save(run.engine, ckpt_dir, at.step, at.micro_index)

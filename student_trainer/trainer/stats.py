@@ -9,6 +9,7 @@ and means are taken only when a record is shown.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 
@@ -168,12 +169,20 @@ def _on_policy_lines(records: list[StepRecord], seconds: float) -> list[str]:
         return []
     micro = sum(r.fusion.micro_batches for r in records)
     on_policy = sum(r.on_policy_loss for r in records) / len(records)
-    share = {k: 100 * sum(getattr(r, k) for r in records) / seconds
-             for k in ("generate_seconds", "teacher_wait_seconds", "fuse_wait_seconds", "train_seconds")}
     return [f"  on-policy: loss {on_policy:.4f}, {rolled.micro_batches} rollouts "
             f"({100 * rolled.micro_batches / max(micro, 1):.1f}% of micro-batches), {rolled.new_tokens} new tokens, "
             f"trained positions {100 * rolled.trained_positions / max(rolled.continuation_positions, 1):.1f}% "
             f"(no source distribution: {rolled.unaligned_positions})",
-            f"  step time: generate {share['generate_seconds']:.1f}%, wait for teachers "
+            f"  step time: {time_split({k: sum(getattr(r, k) for r in records) for k in TIME_SPLIT}, seconds)}"]
+
+
+TIME_SPLIT = ("generate_seconds", "teacher_wait_seconds", "fuse_wait_seconds", "train_seconds")
+
+
+def time_split(parts: Mapping[str, float], total: float) -> str:
+    """"generate x%, wait for teachers y%, align and fuse z%, train w%" of ``total`` seconds, from the
+    :data:`TIME_SPLIT` sums (the wait for teachers excludes the aligning and fusing after they answered)."""
+    share = {k: 100 * parts[k] / total for k in TIME_SPLIT}
+    return (f"generate {share['generate_seconds']:.1f}%, wait for teachers "
             f"{share['teacher_wait_seconds'] - share['fuse_wait_seconds']:.1f}%, align and fuse "
-            f"{share['fuse_wait_seconds']:.1f}%, train {share['train_seconds']:.1f}%"]
+            f"{share['fuse_wait_seconds']:.1f}%, train {share['train_seconds']:.1f}%")
